@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastclu._registry import backends
+from fastclu.perturb import hvp  # light: fastclu.ops imports no backend (no triton)
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "__version__"]
+__all__ = ["__version__", "backends", "hvp"]

@@ -40,7 +40,7 @@ def _unavailable_reason(backend: str) -> str | None:
     if backend == "triton":
         try:
             import triton  # noqa: F401
-        except Exception as e:  # ImportError, or a broken install
+        except Exception as e:  # noqa: BLE001 - a broken install raises anything; report, don't crash
             return f"triton not importable ({e.__class__.__name__}: {e})"
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
@@ -62,7 +62,7 @@ def _load(backend: str) -> str | None:
         if reason is None:
             try:
                 importlib.import_module(f"fastclu.ops.{backend}")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - surfaced as the backend's unavailability reason
                 reason = f"fastclu.ops.{backend} failed to import ({e.__class__.__name__}: {e})"
         _loaded[backend] = reason
     return _loaded[backend]
@@ -73,29 +73,46 @@ def backends() -> dict[str, str | None]:
     return {b: _load(b) for b in BACKENDS}
 
 
-def _auto(op: str, device: torch.device) -> str:
-    if device.type == "cuda":
+def _auto(op: str, device_type: str) -> str:
+    if device_type == "cuda":
         for b in ("cuda", "triton"):
             if _load(b) is None and b in _impls.get(op, {}):
                 return b
     return "reference"
 
 
-def resolve(op: str, backend: str | None, tensors: Iterable[torch.Tensor]) -> Callable:
-    """Return the implementation of ``op`` for the chosen backend.
+@torch.compiler.assume_constant_result
+def choose(op: str, backend: str | None, device_type: str) -> str:
+    """Name of the backend that runs ``op`` (raises if it is unavailable or lacks the op).
 
-    ``tensors`` are the op's main tensors; the first one's device drives automatic choice.
+    ``device_type`` (``"cuda"``, ``"cpu"``, ...) is that of the op's main tensors; it drives
+    automatic choice. Under ``torch.compile`` the choice is a constant of the traced graph (it depends only on
+    the environment, the argument and the device), so loading a backend never breaks a graph.
     """
     name = backend or os.environ.get("FASTCLU_BACKEND") or "auto"
     if name == "auto":
-        first = next(iter(tensors), None)
-        name = _auto(op, first.device if first is not None else torch.device("cpu"))
+        name = _auto(op, device_type)
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
     reason = _load(name)
     if reason is not None:
         raise RuntimeError(f"fastclu backend {name!r} is unavailable: {reason}")
-    fn = _impls.get(op, {}).get(name)
-    if fn is None:
+    if name not in _impls.get(op, {}):
         raise NotImplementedError(f"op {op!r} has no {name!r} implementation")
-    return fn
+    return name
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The registered implementation of ``op`` on ``backend`` (after :func:`choose`)."""
+    return _impls[op][backend]
+
+
+def resolve(op: str, backend: str | None, tensors: Iterable[torch.Tensor]) -> Callable:
+    """The implementation of ``op`` for the chosen backend; ``tensors`` are the op's main tensors."""
+    return implementation(op, choose(op, backend, device_type(tensors)))
+
+
+def device_type(tensors: Iterable[torch.Tensor]) -> str:
+    """Device type of the first tensor (``"cpu"`` for none): what automatic choice looks at."""
+    first = next(iter(tensors), None)
+    return first.device.type if first is not None else "cpu"
