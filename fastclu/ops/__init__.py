@@ -17,29 +17,45 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastclu._registry import resolve
+from fastclu._registry import choose, device_type, implementation
 from fastclu.ops import _checks as C
 from fastclu.ops.bits import count_bits, pack_bits, packed_numel, unpack_bits
 
 Scalar = float | Tensor
 
 __all__ = [
-    "fisher_accumulate_",
-    "ratio_mask",
-    "topk_mask",
-    "gram",
     "combine_step_",
-    "lerp_sync_",
-    "perturb_",
-    "restore_",
-    "fd_hvp_",
-    "merge_stats",
-    "merge_",
-    "pack_bits",
-    "unpack_bits",
     "count_bits",
+    "fd_hvp_",
+    "fisher_accumulate_",
+    "gram",
+    "lerp_sync_",
+    "merge_",
+    "merge_stats",
+    "pack_bits",
     "packed_numel",
+    "perturb_",
+    "ratio_mask",
+    "restore_",
+    "topk_mask",
+    "unpack_bits",
 ]
+
+
+def _run(op: str, backend: str | None, tensors: Sequence[Tensor], *args: object, **kwargs: object) -> object:
+    """Run ``op`` on the chosen backend.
+
+    While ``torch.compile`` traces, a kernel backend is reached through the op's registered
+    ``fastclu::`` custom op (:mod:`fastclu.ops.library`): Dynamo cannot trace a launch that
+    reads ``data_ptr()``, but it keeps a custom op as one opaque node, so a compiled training
+    step does not graph-break. The reference backend is plain PyTorch and is traced as such.
+    """
+    name = choose(op, backend, device_type(tensors))
+    if name != "reference" and torch.compiler.is_compiling():
+        from fastclu.ops import library
+
+        return getattr(library, op)(*args, backend=name, **kwargs)
+    return implementation(op, name)(*args, **kwargs)
 
 
 def _device(xs: Sequence[Tensor]) -> torch.device | None:
@@ -64,7 +80,7 @@ def fisher_accumulate_(
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power!r}")
     scale = C.scalar("scale", scale, _device(fisher))
-    resolve("fisher_accumulate_", backend, fisher)(fisher, grads, scale, power=power)
+    _run("fisher_accumulate_", backend, fisher, fisher, grads, scale, power=power)
 
 
 def ratio_mask(
@@ -84,7 +100,7 @@ def ratio_mask(
     C.one_device("f_forget", f_forget)
     gamma = C.scalar("gamma", gamma, _device(f_forget))
     eps = float(C.scalar("eps", eps))
-    return resolve("ratio_mask", backend, f_forget)(f_forget, f_remain, gamma, eps=eps)
+    return _run("ratio_mask", backend, f_forget, f_forget, f_remain, gamma, eps=eps)
 
 
 def topk_mask(scores: list[Tensor], k: int, *, backend: str | None = None) -> list[Tensor]:
@@ -102,7 +118,7 @@ def topk_mask(scores: list[Tensor], k: int, *, backend: str | None = None) -> li
     total = sum(s.numel() for s in scores)
     if not 0 <= k <= total:
         raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
-    return resolve("topk_mask", backend, scores)(scores, k)
+    return _run("topk_mask", backend, scores, scores, k)
 
 
 def gram(
@@ -119,7 +135,7 @@ def gram(
     fp32 ``[R, R]`` tensor on the grads' device, accumulated deterministically (no host sync).
     """
     grads, mask, masked = _roles(grads, mask, masked)
-    return resolve("gram", backend, grads[0])(grads, mask=mask, masked=masked)
+    return _run("gram", backend, grads[0], grads, mask=mask, masked=masked)
 
 
 def _roles(
@@ -202,6 +218,8 @@ def combine_step_(
             ``found_inf != 0`` nothing (weights, state, step counters) changes.
         restore_from: if given, the step reads theta from these tensors (the clean weights
             kept by :func:`perturb_`) and writes the result to params: a fused ``restore_``.
+            The restore is not part of the step: when ``found_inf`` skips the update, params
+            still receive the ``restore_from`` values.
         init_momentum: SGD's first step: ``momentum_buffer = d_p`` instead of the update
             (torch's ``buf is None`` branch). In update mode masked-out entries keep their value.
     """
@@ -253,7 +271,7 @@ def combine_step_(
         raise ValueError("nesterov needs momentum > 0 and dampening == 0")
     if rule == "adamw" and not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
         raise ValueError(f"betas must be in [0, 1), got {betas}")
-    resolve("combine_step_", backend, params)(
+    _run("combine_step_", backend, params,
         params, roles, state,
         rule=rule, lr=lr, coeffs=coeffs, scale=scale, mask=masks, masked=flags, mask_mode=mask_mode,
         penalty=penalty, importance=importance, anchor=anchor, grad_scale=grad_scale,
@@ -273,7 +291,7 @@ def lerp_sync_(slow: list[Tensor], fast: list[Tensor], beta: Scalar, *, backend:
     fast = C.aligned("fast", fast, "slow", slow)
     C.one_device("slow", slow)
     beta = C.scalar("beta", beta, _device(slow))
-    resolve("lerp_sync_", backend, slow)(slow, fast, beta)
+    _run("lerp_sync_", backend, slow, slow, fast, beta)
 
 
 def perturb_(
@@ -329,9 +347,11 @@ def perturb_(
                 rows = p.shape[0] if p.dim() >= 2 else 1
                 if r.numel() != rows:
                     raise ValueError(f"row_norms[{i}] must have {rows} elements, got {r.numel()}")
+                if r.device != p.device:
+                    raise ValueError(f"row_norms[{i}] is on {r.device} but params[{i}] is on {p.device}")
     elif row_norms is not None:
         raise ValueError("row_norms is only used with seed=")
-    return resolve("perturb_", backend, params)(
+    return _run("perturb_", backend, params,
         params, scale, backup=backup, anchor=anchor, direction=direction, seed=seed, row_norms=row_norms
     )
 
@@ -343,7 +363,7 @@ def restore_(params: list[Tensor], backup: list[Tensor], *, backend: str | None 
     for i, (b, p) in enumerate(zip(backup, params)):
         if b.dtype != p.dtype:
             raise TypeError(f"backup[{i}] must have dtype {p.dtype}, got {b.dtype}")
-    resolve("restore_", backend, params)(params, backup)
+    _run("restore_", backend, params, params, backup)
 
 
 def fd_hvp_(
@@ -363,7 +383,7 @@ def fd_hvp_(
     eps = C.scalar("eps", eps, _device(out))
     if isinstance(eps, float) and eps == 0.0:
         raise ValueError("eps must be nonzero")
-    resolve("fd_hvp_", backend, out)(out, grads_plus, grads_minus, eps, accumulate=bool(accumulate))
+    _run("fd_hvp_", backend, out, out, grads_plus, grads_minus, eps, accumulate=bool(accumulate))
 
 
 def merge_stats(
@@ -386,7 +406,7 @@ def merge_stats(
     anchor = C.aligned("anchor", anchor, "params", params)
     fisher_sum = C.aligned("fisher_sum", fisher_sum, "params", params)
     fisher_theta_sum = C.aligned("fisher_theta_sum", fisher_theta_sum, "params", params)
-    return resolve("merge_stats", backend, params)(params, anchor, fisher_sum, fisher_theta_sum)
+    return _run("merge_stats", backend, params, params, anchor, fisher_sum, fisher_theta_sum)
 
 
 def merge_(params: list[Tensor], anchor: list[Tensor], alpha: Scalar, *, backend: str | None = None) -> None:
@@ -395,4 +415,4 @@ def merge_(params: list[Tensor], anchor: list[Tensor], alpha: Scalar, *, backend
     C.one_device("params", params)
     anchor = C.aligned("anchor", anchor, "params", params)
     alpha = C.scalar("alpha", alpha, _device(params))
-    resolve("merge_", backend, params)(params, anchor, alpha)
+    _run("merge_", backend, params, params, anchor, alpha)

@@ -38,5 +38,5 @@ def unpack_bits(packed: Tensor, numel: int, shape: torch.Size | tuple[int, ...] 
 
 def count_bits(packed: Tensor) -> int:
     """Number of set bits in a packed mask (host sync)."""
-    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64, device=packed.device)
+    table = torch.tensor([i.bit_count() for i in range(256)], dtype=torch.int64, device=packed.device)
     return int(table[packed.long()].sum()) if packed.numel() else 0

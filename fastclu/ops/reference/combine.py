@@ -1,0 +1,199 @@
+"""Reference ``combine_step_``: masked role-gradient combination fused with SGD / AdamW.
+
+The update mirrors the op order of torch.optim's single-tensor SGD / AdamW (``foreach=False``)
+so that one role with coefficient 1, scale 1, no mask / penalty / AMP and fp32 parameters is
+bit-identical to torch. Arguments arrive validated by :func:`fastclu.ops.combine_step_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastclu._registry import register
+from fastclu.ops.bits import unpack_bits
+
+Scalar = float | Tensor
+
+
+def _is(x: Scalar, value: float) -> bool:
+    # Only Python floats are known on the host; a tensor scalar is always applied (no sync).
+    return isinstance(x, float) and x == value
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _work(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """The tensor itself when it already has the compute dtype (in-place math), else a copy."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _combined_grad(
+    i: int,
+    grads: Sequence[list[Tensor]],
+    coeffs: Sequence[Scalar],
+    scale: Scalar,
+    bits: Tensor | None,
+    gate: Sequence[bool],
+    dtype: torch.dtype,
+) -> Tensor:
+    # Never modifies an input gradient: every op below is out of place.
+    g: Tensor | None = None
+    for r, role in enumerate(grads):
+        x = _work(role[i], dtype)
+        if bits is not None and gate[r]:
+            # Selection, not multiplication: a gated-out element contributes exactly +0,
+            # even when the role gradient holds inf/NaN there.
+            x = torch.where(bits, x, torch.zeros((), dtype=dtype, device=x.device))
+        if not _is(coeffs[r], 1.0):
+            x = x * coeffs[r]
+        # Start from the first term (0 + x would turn -0.0 into +0.0 and break bit parity).
+        g = x if g is None else g + x
+    assert g is not None
+    if not _is(scale, 1.0):
+        g = g * scale
+    return g
+
+
+@register("combine_step_", "reference")
+def combine_step_(
+    params: list[Tensor],
+    grads: Sequence[list[Tensor]],
+    state: dict[str, list[Tensor]],
+    *,
+    rule: str,
+    lr: Scalar,
+    coeffs: Sequence[Scalar],
+    scale: Scalar,
+    mask: list[Tensor] | None,
+    masked: Sequence[bool],
+    mask_mode: str,
+    penalty: Scalar,
+    importance: list[Tensor] | None,
+    anchor: list[Tensor] | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    restore_from: list[Tensor] | None,
+    weight_decay: float,
+    maximize: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    init_momentum: bool,
+    betas: tuple[float, float],
+    eps: float,
+    amsgrad: bool,
+) -> None:
+    """See :func:`fastclu.ops.combine_step_` (the contract); this is its specification in PyTorch."""
+    if restore_from is not None:
+        # The restore is not part of the step: it happens even when AMP skips the update,
+        # otherwise a skipped step would leave the weights perturbed.
+        for p, src in zip(params, restore_from):
+            p.copy_(src)
+    if found_inf is not None and float(found_inf.reshape(())) != 0.0:
+        return
+    gs = None if grad_scale is None else grad_scale.reshape(())
+    gate = [bool(f) and mask_mode == "grad" for f in masked]
+    state_keys = (
+        (["momentum_buffer"] if momentum != 0 else [])
+        if rule == "sgd"
+        else ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    )
+    for i, p in enumerate(params):
+        dtype = _compute_dtype(p)
+        bits = unpack_bits(mask[i], p.numel(), p.shape) if mask is not None else None
+        theta = _work(p, dtype)
+        bufs = {k: _work(state[k][i], dtype) for k in state_keys}
+        if mask_mode == "update":
+            old_theta = theta.clone()
+            old_bufs = {k: b.clone() for k, b in bufs.items()}
+
+        g = _combined_grad(i, grads, coeffs, scale, bits, gate, dtype)
+        if gs is not None:
+            g = g / gs
+        if importance is not None and not _is(penalty, 0.0):
+            g = g + penalty * _work(importance[i], dtype) * (theta - _work(anchor[i], dtype))
+        if maximize:
+            g = -g
+
+        if rule == "sgd":
+            _sgd(theta, g, bufs.get("momentum_buffer"), lr=lr, weight_decay=weight_decay, momentum=momentum,
+                 dampening=dampening, nesterov=nesterov, init_momentum=init_momentum)  # fmt: skip
+        else:
+            _adamw(theta, g, bufs, state["step"][i], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                   amsgrad=amsgrad)  # fmt: skip
+
+        if mask_mode == "update":
+            # Masked-out weights and their optimizer state do not move at all.
+            theta.copy_(torch.where(bits, theta, old_theta))
+            for k, b in bufs.items():
+                b.copy_(torch.where(bits, b, old_bufs[k]))
+        if theta is not p:
+            p.copy_(theta)
+        for k, b in bufs.items():
+            if b is not state[k][i]:
+                state[k][i].copy_(b)
+
+
+def _sgd(
+    theta: Tensor,
+    g: Tensor,
+    buf: Tensor | None,
+    *,
+    lr: Scalar,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    init_momentum: bool,
+) -> None:
+    # Same op sequence as torch.optim.sgd._single_tensor_sgd.
+    if weight_decay != 0:
+        g = g.add(theta, alpha=weight_decay)
+    if momentum != 0:
+        assert buf is not None
+        if init_momentum:
+            buf.copy_(g)
+        else:
+            buf.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    theta.add_(g, alpha=-lr)
+
+
+def _adamw(
+    theta: Tensor,
+    g: Tensor,
+    bufs: dict[str, Tensor],
+    step_t: Tensor,
+    *,
+    lr: Scalar,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    amsgrad: bool,
+) -> None:
+    # Same op sequence as torch.optim.adam._single_tensor_adam with decoupled weight decay
+    # (bias corrections in Python floats, tensor lr kept a tensor as torch does).
+    beta1, beta2 = betas
+    exp_avg, exp_avg_sq = bufs["exp_avg"], bufs["exp_avg_sq"]
+    step_t += 1
+    if weight_decay != 0:
+        theta.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step = step_t.item()
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    if amsgrad:
+        max_sq = bufs["max_exp_avg_sq"]
+        torch.maximum(max_sq, exp_avg_sq, out=max_sq)
+        denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    else:
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    theta.addcdiv_(exp_avg, denom, value=-step_size)
