@@ -1,0 +1,204 @@
+"""Saliency masks for unlearning and continual learning: Fisher accumulation, ratio mask, global top-k.
+
+A :class:`SaliencyMask` holds one bit per weight (the :mod:`fastclu.ops.bits` layout: ``uint8``,
+bit ``j % 8`` of byte ``j // 8``) for every tensor of a parameter list, plus the shapes. It is what
+:meth:`fastclu.optim.SGD.set_mask` / :meth:`fastclu.optim.AdamW.set_mask` take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastclu import ops
+
+__all__ = ["SaliencyMask", "fisher", "ratio_mask", "topk_mask"]
+
+
+class SaliencyMask:
+    """Bit-packed binary mask over a list of tensors (1 = salient / may move).
+
+    Attributes:
+        packed: one contiguous ``uint8[ceil(numel_i / 8)]`` tensor per masked tensor.
+        shapes: the shape of each masked tensor.
+    """
+
+    def __init__(self, packed: Sequence[Tensor], shapes: Sequence[Sequence[int]]) -> None:
+        if isinstance(packed, Tensor) or not isinstance(packed, Sequence):
+            raise TypeError("packed must be a list of uint8 tensors")
+        if len(packed) != len(shapes):
+            raise ValueError(f"packed has {len(packed)} tensors but shapes has {len(shapes)}")
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.packed: list[Tensor] = []
+        for i, (m, s) in enumerate(zip(packed, self.shapes)):
+            if not isinstance(m, Tensor) or m.dtype != torch.uint8:
+                raise TypeError(f"packed[{i}] must be a uint8 tensor")
+            if m.numel() != ops.packed_numel(s.numel()):
+                raise ValueError(
+                    f"packed[{i}] has {m.numel()} bytes, shape {tuple(s)} needs {ops.packed_numel(s.numel())}"
+                )
+            self.packed.append(m.reshape(-1).contiguous())
+
+    @classmethod
+    def from_bool(cls, masks: Iterable[Tensor]) -> SaliencyMask:
+        """Pack a list of bool tensors (any shapes)."""
+        masks = list(masks)
+        for i, m in enumerate(masks):
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                raise TypeError(f"masks[{i}] must be a bool tensor")
+        return cls([ops.pack_bits(m) for m in masks], [m.shape for m in masks])
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    @property
+    def numel(self) -> int:
+        """Number of masked elements in all tensors (bits, not bytes)."""
+        return sum(s.numel() for s in self.shapes)
+
+    def counts(self) -> list[int]:
+        """Set bits per tensor (host sync)."""
+        return [ops.count_bits(m) for m in self.packed]
+
+    def densities(self) -> list[float]:
+        """Fraction of set bits per tensor (an empty tensor has density 0)."""
+        return [c / s.numel() if s.numel() else 0.0 for c, s in zip(self.counts(), self.shapes)]
+
+    def density(self) -> float:
+        """Fraction of set bits over all tensors (0 when there are no elements)."""
+        total = self.numel
+        return sum(self.counts()) / total if total else 0.0
+
+    def unpack(self) -> list[Tensor]:
+        """The mask as bool tensors shaped like the masked tensors."""
+        return [ops.unpack_bits(m, s.numel(), s) for m, s in zip(self.packed, self.shapes)]
+
+    def to(self, device: torch.device | str) -> SaliencyMask:
+        """A copy on ``device`` (the same object's data when already there)."""
+        return SaliencyMask([m.to(device) for m in self.packed], self.shapes)
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.packed[0].device if self.packed else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"packed": [uint8 tensors], "shapes": [[int, ...]]}``: loadable with ``weights_only=True``."""
+        return {"packed": [m.clone() for m in self.packed], "shapes": [list(s) for s in self.shapes]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Replace this mask's content by a :meth:`state_dict` (validated before anything changes)."""
+        new = SaliencyMask(state_dict["packed"], state_dict["shapes"])
+        self.packed, self.shapes = new.packed, new.shapes
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, Any]) -> SaliencyMask:
+        return cls(state_dict["packed"], state_dict["shapes"])
+
+    def __repr__(self) -> str:
+        return f"SaliencyMask(tensors={len(self)}, numel={self.numel}, density={self.density():.4f})"
+
+
+def _params_list(name: str, xs: object) -> list[Tensor]:
+    if isinstance(xs, Tensor) or not isinstance(xs, Iterable):
+        raise TypeError(f"{name} must be a list of tensors")
+    out = list(xs)
+    for i, x in enumerate(out):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
+    return out
+
+
+def fisher(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Callable[..., Tensor],
+    *,
+    power: int = 2,
+    backend: str | None = None,
+) -> list[Tensor]:
+    """Diagonal empirical Fisher: the mean over batches of the squared batch gradient ``g_b**2``.
+
+    Args:
+        model: the network; each batch ``(inputs, targets)`` is scored as
+            ``loss_fn(model(inputs), targets)`` (longer tuples: ``model(*batch[:-1])``).
+            The model's mode (train/eval) is left as the caller set it.
+        loader: iterable of batches.
+        loss_fn: e.g. ``torch.nn.CrossEntropyLoss()``; must return a scalar.
+        power: 2 for ``g**2`` (Fisher), 1 for ``|g|``.
+    Returns:
+        one fp32 tensor per ``model.parameters()`` entry (same shapes and devices); parameters
+        that do not require grad, or get none, have zeros. The model's ``.grad`` is not touched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable")
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power!r}")
+    params = list(model.parameters())
+    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    live = [i for i, p in enumerate(params) if p.requires_grad]
+    batches = 0
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("each batch must be a tuple (inputs..., targets)")
+        with torch.enable_grad():
+            loss = loss_fn(model(*batch[:-1]), batch[-1])
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor")
+            grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)
+        got = [(i, g) for i, g in zip(live, grads) if g is not None]
+        by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
+        for i, g in got:
+            by_device.setdefault(g.device, []).append((i, g))
+        for pairs in by_device.values():
+            ops.fisher_accumulate_([acc[i] for i, _ in pairs], [g.contiguous() for _, g in pairs], 1.0,
+                                   power=power, backend=backend)  # fmt: skip
+        batches += 1
+    if batches:
+        for a in acc:
+            a.div_(batches)
+    return acc
+
+
+def ratio_mask(
+    f_forget: Sequence[Tensor],
+    f_remain: Sequence[Tensor],
+    gamma: float | Tensor = 1.0,
+    *,
+    eps: float = 1e-12,
+    backend: str | None = None,
+) -> SaliencyMask:
+    """SFR-on's balanced mask ``m = (F_f + eps) >= gamma * (F_r + eps)`` per element.
+
+    Args:
+        f_forget, f_remain: aligned lists of importances (e.g. from :func:`fisher`), one device.
+        gamma: threshold ratio (float or 0-d tensor).
+    """
+    f_forget = _params_list("f_forget", f_forget)
+    f_remain = _params_list("f_remain", f_remain)
+    packed = ops.ratio_mask(f_forget, f_remain, gamma, eps=eps, backend=backend)
+    return SaliencyMask(packed, [f.shape for f in f_forget])
+
+
+def topk_mask(scores: Sequence[Tensor], density: float, *, backend: str | None = None) -> SaliencyMask:
+    """Exact global top-k over all elements of ``scores``, ``k = round(density * total)``.
+
+    Ties go to the earlier element in (tensor index, flat index) order (see :func:`fastclu.ops.topk_mask`).
+
+    Args:
+        scores: list of float tensors on one device (e.g. ``|summed gradient|`` for SalUn).
+        density: fraction of elements to keep, in ``[0, 1]``.
+    """
+    scores = _params_list("scores", scores)
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a float, got {type(density).__name__}")
+    if not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    total = sum(s.numel() for s in scores)
+    k = min(total, round(float(density) * total))
+    packed = ops.topk_mask(scores, k, backend=backend)
+    return SaliencyMask(packed, [s.shape for s in scores])
