@@ -1,0 +1,114 @@
+"""Fast-slow weights (the Lookahead family) around any optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from fastclu import ops
+from fastclu.optim._wrapper import OptimizerWrapper, _float, _int
+from fastclu.perturb import by_device
+
+__all__ = ["FastSlow"]
+
+
+def _slow_dtype(p: Tensor) -> torch.dtype:
+    # fp16/bf16 fast weights get an fp32 master copy: beta * (fast - slow) is often below a bf16
+    # ulp of slow, and the slow weights would then never move.
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
+class FastSlow(OptimizerWrapper):
+    """Fast-slow weights (Lookahead, Zhang et al. 2019) around any optimizer.
+
+    Every ``k``-th call to :meth:`step` (after the inner step), in one fused pass per device
+    (:func:`fastclu.ops.lerp_sync_`)::
+
+        slow = slow + beta * (fast - slow);  fast = slow
+
+    ``slow`` starts as the weights at the first ``step()`` that sees a parameter (so weights
+    loaded into the model after building the optimizer are respected). Slow weights are fp32
+    for fp16/bf16 parameters, else the parameter's dtype. The inner optimizer's state (momentum,
+    Adam moments) carries over each sync unchanged. ``k``, ``beta``, the step counter and the
+    slow weights are in ``state_dict()``.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (torch's or fastclu's), already built.
+        k: sync period in steps (int >= 1).
+        beta: slow step size in [0, 1]; ``k=1, beta=1`` is the inner optimizer itself.
+        backend: ops backend (None: automatic).
+    """
+
+    _state_key = "fastslow"
+
+    def __init__(self, optimizer: Optimizer, k: int = 5, beta: float = 0.5, *, backend: str | None = None) -> None:
+        k = _int("k", k, 1)
+        beta = _float("beta", beta, 0.0, 1.0)
+        super().__init__(optimizer)
+        self.k = k
+        self.beta = beta
+        self.backend = backend
+        self.step_count = 0
+        self._slow: dict[Tensor, Tensor] = {}
+
+    def _repr_fields(self) -> dict[str, Any]:
+        return {"k": self.k, "beta": self.beta}
+
+    def slow_weights(self) -> list[Tensor | None]:
+        """The slow weights aligned with :meth:`params` (None where not yet initialised)."""
+        return [self._slow.get(p) for p in self.params()]
+
+    def _init_slow(self) -> None:
+        with torch.no_grad():
+            for p in self.params():
+                if p not in self._slow:
+                    self._slow[p] = p.detach().to(_slow_dtype(p), copy=True)
+
+    def sync_(self) -> None:
+        """Sync now: ``slow += beta * (fast - slow); fast = slow`` for every initialised parameter."""
+        fast = [p for p in self.params() if p in self._slow]
+        with torch.no_grad():
+            for idx in by_device(fast).values():
+                ops.lerp_sync_([self._slow[fast[i]] for i in idx], [fast[i] for i in idx], self.beta,
+                               backend=self.backend)  # fmt: skip
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """Inner step (``closure`` and keywords passed through), then a sync every ``k``-th call."""
+        self._init_slow()
+        loss = self._inner_step(closure, **kwargs)
+        self.step_count += 1
+        if self.step_count % self.k == 0:
+            self.sync_()
+        return loss
+
+    def _wrapper_state(self, index: dict[Tensor, int]) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "beta": self.beta,
+            "step": self.step_count,
+            "slow": {index[p]: s for p, s in self._slow.items() if p in index},
+        }
+
+    def _parse_wrapper_state(self, saved: dict[str, Any], params: list[Tensor]) -> Callable[[], None]:
+        if not isinstance(saved, dict) or not {"k", "beta", "step", "slow"} <= saved.keys():
+            raise ValueError("state_dict['fastslow'] must hold 'k', 'beta', 'step' and 'slow'")
+        k = _int("state_dict['fastslow']['k']", saved["k"], 1)
+        beta = _float("state_dict['fastslow']['beta']", saved["beta"], 0.0, 1.0)
+        step = _int("state_dict['fastslow']['step']", saved["step"], 0)
+        slow: dict[Tensor, Tensor] = {}
+        for i, s in saved["slow"].items():
+            if not isinstance(i, int) or not 0 <= i < len(params):
+                raise ValueError(f"state_dict['fastslow']['slow'] has index {i!r}, but there are {len(params)} params")
+            p = params[i]
+            if not isinstance(s, Tensor) or s.shape != p.shape:
+                raise ValueError(f"state_dict['fastslow']['slow'][{i}] must be a tensor of shape {tuple(p.shape)}")
+            slow[p] = s.detach().to(device=p.device, dtype=_slow_dtype(p), copy=True)
+
+        def apply() -> None:
+            self.k, self.beta, self.step_count, self._slow = k, beta, step, slow
+
+        return apply
