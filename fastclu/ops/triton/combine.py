@@ -1,0 +1,339 @@
+"""The fused step: saliency-masked role-gradient combination + SGD / AdamW, one launch per group.
+
+Per element, everything in fp32 (see :func:`fastclu.ops.combine_step_` and the reference,
+whose op order is followed so fp32 results agree to rounding): gate and weight the role
+gradients, scale, unscale (AMP), add the EWC penalty, negate for maximize, then torch's
+single-tensor SGD or AdamW update. Every scalar may be a 0-d device tensor, read in the kernel:
+no host sync, so a step (after a first, table-building call) can be captured in a CUDA graph.
+
+AdamW's step counters are incremented by a small per-tensor launch first, which also forms
+that tensor's step size and bias correction (in fp64 from double-float host scalars, as torch
+forms them in Python floats); the main kernel reads those, so no block races a counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastclu._registry import register
+from fastclu.ops.triton import _multitensor as mt
+from fastclu.ops.triton._multitensor import (
+    BLOCK,
+    block_info,
+    groups,
+    helper,
+    launch,
+    load_scalar,
+    on_device,
+    operand_ptr,
+    scalar_arg,
+    tl_dtype,
+)
+
+# table rows
+_P, _G0, _MASK, _B0, _B1, _B2, _IMP, _ANC, _RST, _STEP = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
+_TB = 256  # tensors per program of the step-counter kernel
+
+
+def _split(x: float) -> tuple[float, float]:
+    """A double as two fp32 values whose sum carries ~48 bits (kernel float args are fp32)."""
+    hi = float(np.float32(x))
+    return hi, x - hi
+
+
+@helper
+def _f64(hi, lo):
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@helper
+def _pow_int(b, n):
+    """fp64 ``b ** n`` for integers ``0 <= n < 2**32`` (square and multiply).
+
+    An fp32 counter stops growing at 2**24 (``2**24 + 1`` rounds back), so ``n`` reaches 2**24
+    itself: 24 bits of ``n`` would read it as 0 and give ``b ** n == 1``, a zero bias correction.
+    """
+    r = tl.zeros_like(b) + 1.0
+    for _ in tl.static_range(32):
+        r = tl.where((n & 1) == 1, r * b, r)
+        b = b * b
+        n = n >> 1
+    return r
+
+
+@helper
+def _role(
+    ptrs, n_tensors, ROW: tl.constexpr, t, offs, m, bit, D: tl.constexpr, GATE: tl.constexpr, c, ALIGN: tl.constexpr
+):
+    x = tl.load(operand_ptr(ptrs, n_tensors, ROW, t, D, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    if GATE:
+        x = tl.where(bit, x, 0.0)  # selection: inf/NaN under a 0 bit contributes +0
+    return x * c
+
+
+@triton.jit
+def _combine_kernel(
+    ptrs, numel, blk_tensor, blk_start, n_tensors,
+    lr_ptr, lr_val, lr_hi, lr_lo, c0_ptr, c0_val, c1_ptr, c1_val, c2_ptr, c2_val, c3_ptr, c3_val,
+    sc_ptr, sc_val, pen_ptr, pen_val, gs_ptr, fi_ptr, coef,
+    wd, momentum, one_minus_damp, b1_hi, b1_lo, b2_hi, b2_lo, eps,
+    blk0, LR_T: tl.constexpr, C0_T: tl.constexpr, C1_T: tl.constexpr, C2_T: tl.constexpr, C3_T: tl.constexpr,
+    SC_T: tl.constexpr, PEN_T: tl.constexpr,
+    R: tl.constexpr, GATE0: tl.constexpr, GATE1: tl.constexpr, GATE2: tl.constexpr, GATE3: tl.constexpr,
+    HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_GS: tl.constexpr,
+    HAS_FI: tl.constexpr, RESTORE: tl.constexpr, ADAMW: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, INIT_MOM: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    DP: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+    DB0: tl.constexpr, DB1: tl.constexpr, DB2: tl.constexpr, DI: tl.constexpr, DA: tl.constexpr,
+    DR: tl.constexpr, DST: tl.constexpr, BLOCK: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
+    pp = operand_ptr(ptrs, n_tensors, 0, t, DP, ALIGN)
+
+    # where nothing may move: a 0 mask bit in update mode, or the whole step when AMP found inf
+    go = m
+    if HAS_FI:
+        # broadcast first: the interpreter cannot `&` a 0-d bool with a block of bools
+        fi = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
+        go = go & (fi == 0.0)
+    if HAS_MASK:
+        byte = tl.load(operand_ptr(ptrs, n_tensors, 5, t, tl.uint8, ALIGN) + (offs >> 3), mask=m, other=0).to(tl.int32)
+        bit = ((byte >> (offs & 7).to(tl.int32)) & 1) != 0
+    else:
+        bit = m
+    if UPDATE:
+        go = go & bit
+
+    if RESTORE:
+        theta_raw = tl.load(operand_ptr(ptrs, n_tensors, 11, t, DR, ALIGN) + offs, mask=m, other=0.0)
+        # the restore itself is not part of the step: clean weights land in params regardless
+        theta_old = theta_raw.to(DP)
+    else:
+        theta_old = tl.load(pp + offs, mask=m, other=0.0)
+    theta = theta_old.to(tl.float32)
+
+    g = _role(ptrs, n_tensors, 1, t, offs, m, bit, D0, GATE0, load_scalar(c0_ptr, c0_val, C0_T), ALIGN)
+    if R > 1:
+        g = g + _role(ptrs, n_tensors, 2, t, offs, m, bit, D1, GATE1, load_scalar(c1_ptr, c1_val, C1_T), ALIGN)
+    if R > 2:
+        g = g + _role(ptrs, n_tensors, 3, t, offs, m, bit, D2, GATE2, load_scalar(c2_ptr, c2_val, C2_T), ALIGN)
+    if R > 3:
+        g = g + _role(ptrs, n_tensors, 4, t, offs, m, bit, D3, GATE3, load_scalar(c3_ptr, c3_val, C3_T), ALIGN)
+    g = g * load_scalar(sc_ptr, sc_val, SC_T)
+    if HAS_GS:
+        g = g / tl.load(gs_ptr).to(tl.float32)
+    if HAS_PEN:
+        imp = tl.load(operand_ptr(ptrs, n_tensors, 9, t, DI, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+        anc = tl.load(operand_ptr(ptrs, n_tensors, 10, t, DA, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+        g = g + (load_scalar(pen_ptr, pen_val, PEN_T) * imp) * (theta - anc)
+    if MAXIMIZE:
+        g = -g
+
+    if LR_T:
+        lr32 = tl.load(lr_ptr).to(tl.float32)
+        lr64 = lr32.to(tl.float64)
+    else:
+        lr32 = tl.cast(lr_val, tl.float32)
+        lr64 = _f64(lr_hi, lr_lo)
+
+    if ADAMW:
+        b0p = operand_ptr(ptrs, n_tensors, 6, t, DB0, ALIGN)
+        b1p = operand_ptr(ptrs, n_tensors, 7, t, DB1, ALIGN)
+        # per-tensor step size and sqrt(bias correction 2), formed once per tensor by _step_kernel
+        step_size = tl.load(coef + 2 * t)
+        bc2_sqrt = tl.load(coef + 2 * t + 1)
+        beta1 = _f64(b1_hi, b1_lo)
+        beta2 = _f64(b2_hi, b2_lo)
+        if HAS_WD:
+            theta = theta * (1.0 - lr64 * tl.cast(wd, tl.float64)).to(tl.float32)
+        ea = tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32)
+        eas = tl.load(b1p + offs, mask=m, other=0.0).to(tl.float32)
+        # torch.lerp(ea, g, w), with its switch of formula at w = 0.5
+        w = (1.0 - beta1).to(tl.float32)
+        ea_new = tl.where(w < 0.5, ea + w * (g - ea), g - (g - ea) * (1.0 - w))
+        eas_new = eas * beta2.to(tl.float32) + ((1.0 - beta2).to(tl.float32) * g) * g
+        tl.store(b0p + offs, ea_new.to(DB0), mask=go)
+        tl.store(b1p + offs, eas_new.to(DB1), mask=go)
+        v = eas_new
+        if AMSGRAD:
+            b2p = operand_ptr(ptrs, n_tensors, 8, t, DB2, ALIGN)
+            v = tl.maximum(tl.load(b2p + offs, mask=m, other=0.0).to(tl.float32), eas_new)
+            tl.store(b2p + offs, v.to(DB2), mask=go)
+        denom = tl.sqrt_rn(v) / bc2_sqrt + eps
+        theta = theta + (-step_size * ea_new) / denom
+    else:
+        if HAS_WD:
+            g = g + wd * theta
+        if HAS_MOM:
+            b0p = operand_ptr(ptrs, n_tensors, 6, t, DB0, ALIGN)
+            if INIT_MOM:
+                buf = g
+            else:
+                buf = tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32) * momentum + one_minus_damp * g
+            tl.store(b0p + offs, buf.to(DB0), mask=go)
+            if NESTEROV:
+                g = g + momentum * buf
+            else:
+                g = buf
+        theta = theta + (-lr32) * g
+
+    new = tl.where(go, theta.to(DP), theta_old)
+    if RESTORE:
+        tl.store(pp + offs, new, mask=m)
+    else:
+        tl.store(pp + offs, new, mask=go)
+
+
+@triton.jit
+def _step_kernel(
+    ptrs, n_tensors, fi_ptr, lr_ptr, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
+    HAS_FI: tl.constexpr, LR_T: tl.constexpr, DST: tl.constexpr, TB: tl.constexpr,
+):  # fmt: skip
+    """Per tensor: step += 1 (unless AMP found inf), then AdamW's step size and sqrt(bc2) into coef."""
+    t = tl.program_id(0) * TB + tl.arange(0, TB)
+    ok = t < n_tensors
+    sp = tl.load(ptrs + 12 * n_tensors + t, mask=ok, other=0).to(tl.pointer_type(DST))
+    old = tl.load(sp, mask=ok, other=0.0).to(tl.float32)
+    step = old + 1.0
+    if HAS_FI:
+        # a skipped step keeps its counter (the main kernel then moves nothing); the old value
+        # itself, since (old + 1) - 1 is not old where fp32 rounds (at 2**24)
+        fi = tl.zeros([TB], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
+        step = tl.where(fi == 0.0, step, old)
+    tl.store(sp, step.to(DST), mask=ok)
+    n = tl.maximum(step.to(tl.int64), 1)  # a skipped first step has no coefficients: avoid 1 / 0
+    if LR_T:
+        lr64 = tl.load(lr_ptr).to(tl.float32).to(tl.float64)
+    else:
+        lr64 = _f64(lr_hi, lr_lo)
+    # as torch does in Python floats: 1 - beta ** step, lr / bc1, sqrt(bc2), then rounded to fp32
+    bc1 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + _f64(b1_hi, b1_lo), n)
+    bc2 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + _f64(b2_hi, b2_lo), n)
+    tl.store(coef + 2 * t, (lr64 / bc1).to(tl.float32), mask=ok)
+    tl.store(coef + 2 * t + 1, tl.sqrt(bc2).to(tl.float32), mask=ok)
+
+
+def _host_adamw_coef(
+    steps: list[Tensor], lr: float | Tensor, betas: tuple[float, float], found_inf: Tensor | None
+) -> Tensor:
+    """Host counterpart of _step_kernel for CPU step counters: fp32 ``[n_tensors, 2]`` on the CPU."""
+    skip = found_inf is not None and float(found_inf) != 0.0
+    lr_f = float(lr)
+    out = []
+    for st in steps:
+        if not skip:
+            st += 1
+        n = max(float(st), 1.0)
+        bc1 = 1 - betas[0] ** n
+        bc2 = 1 - betas[1] ** n
+        out.append((lr_f / bc1, bc2**0.5))
+    return torch.tensor(out, dtype=torch.float32).reshape(len(steps), 2)
+
+
+@register("combine_step_", "triton")
+@on_device
+def combine_step_(
+    params: list[Tensor],
+    grads: Sequence[list[Tensor]],
+    state: dict[str, list[Tensor]],
+    *,
+    rule: str,
+    lr: float | Tensor,
+    coeffs: Sequence[float | Tensor],
+    scale: float | Tensor,
+    mask: list[Tensor] | None,
+    masked: Sequence[bool],
+    mask_mode: str,
+    penalty: float | Tensor,
+    importance: list[Tensor] | None,
+    anchor: list[Tensor] | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    restore_from: list[Tensor] | None,
+    weight_decay: float,
+    maximize: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    init_momentum: bool,
+    betas: tuple[float, float],
+    eps: float,
+    amsgrad: bool,
+) -> None:
+    """Fused combination + SGD/AdamW step; see :func:`fastclu.ops.combine_step_` (the contract)."""
+    if not params:
+        return
+    dev = params[0].device
+    # the kernels dereference these: one left on the host (the contract allows any 1-element tensor)
+    # would be read through a host address on the GPU
+    if grad_scale is not None and grad_scale.device != dev:
+        grad_scale = grad_scale.to(dev)
+    if found_inf is not None and found_inf.device != dev:
+        found_inf = found_inf.to(dev)
+    R = len(grads)
+    adamw = rule == "adamw"
+    has_mom = not adamw and momentum != 0
+    if adamw:
+        bufs = [state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if amsgrad else None]
+        steps = state["step"]
+        host_coef = None
+        if any(st.device != dev for st in steps):
+            # torch.optim keeps non-capturable step counters on the CPU: count on the host (as torch
+            # does, a host read of found_inf included) and ship the per-tensor coefficients over
+            host_coef = _host_adamw_coef(steps, lr, betas, found_inf)
+            steps = None
+    else:
+        bufs = [state["momentum_buffer"] if has_mom else None, None, None]
+        steps = None
+    has_pen = importance is not None and not (isinstance(penalty, float) and penalty == 0.0)
+    roles = list(grads) + [None] * (4 - R)
+    ops = [params, *roles, mask, *bufs, importance if has_pen else None, anchor if has_pen else None, restore_from,
+           steps]  # fmt: skip
+    gs_list, _ = groups(ops)
+    gate = [bool(f) and mask is not None and mask_mode == "grad" for f in masked] + [False] * (4 - R)
+    for g in gs_list:
+        dummy = g.numel
+        lr_p, lr_v, lr_t = scalar_arg(lr, dev, dummy)
+        lr_hi, lr_lo = _split(lr_v)
+        cs = [scalar_arg(c, dev, dummy) for c in coeffs] + [(dummy, 1.0, False)] * (4 - R)
+        sc = scalar_arg(scale, dev, dummy)
+        pen = scalar_arg(penalty, dev, dummy)
+        gsv = dummy if grad_scale is None else grad_scale
+        fiv = dummy if found_inf is None else found_inf
+        dt = [tl_dtype(d) for d in g.dtypes]
+        b1_hi, b1_lo = _split(betas[0])
+        b2_hi, b2_lo = _split(betas[1])
+        coef = dummy
+        if adamw and host_coef is not None:
+            coef = host_coef[list(g.members)].to(dev, non_blocking=True)
+        elif adamw and g.n_tensors:
+            # counters first (every tensor's, empty ones included, as torch increments them all);
+            # the main kernel then reads per-tensor coefficients instead of the racing counters
+            coef = mt.alloc((g.n_tensors, 2), torch.float32, dev)
+            _step_kernel[(triton.cdiv(g.n_tensors, _TB),)](
+                g.ptrs, g.n_tensors, fiv, lr_p, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
+                HAS_FI=found_inf is not None, LR_T=lr_t, DST=dt[_STEP], TB=_TB,
+            )  # fmt: skip
+        if g.n_blocks:
+            launch(_combine_kernel, g, 
+                g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors,
+                lr_p, lr_v, lr_hi, lr_lo, cs[0][0], cs[0][1], cs[1][0], cs[1][1], cs[2][0], cs[2][1],
+                cs[3][0], cs[3][1], sc[0], sc[1], pen[0], pen[1], gsv, fiv, coef,
+                float(weight_decay), float(momentum), 1.0 - float(dampening), b1_hi, b1_lo, b2_hi, b2_lo, float(eps),
+                LR_T=lr_t, C0_T=cs[0][2], C1_T=cs[1][2], C2_T=cs[2][2], C3_T=cs[3][2], SC_T=sc[2], PEN_T=pen[2],
+                R=R, GATE0=gate[0], GATE1=gate[1], GATE2=gate[2], GATE3=gate[3],
+                HAS_MASK=mask is not None, UPDATE=mask_mode == "update", HAS_PEN=has_pen,
+                HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None, RESTORE=restore_from is not None,
+                ADAMW=adamw, MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, HAS_MOM=has_mom,
+                NESTEROV=bool(nesterov), INIT_MOM=bool(init_momentum), AMSGRAD=bool(amsgrad),
+                DP=dt[_P], D0=dt[1], D1=dt[2], D2=dt[3], D3=dt[4], DB0=dt[_B0], DB1=dt[_B1], DB2=dt[_B2],
+                DI=dt[_IMP], DA=dt[_ANC], DR=dt[_RST], DST=dt[_STEP], BLOCK=BLOCK,
+            )  # fmt: skip

@@ -1,0 +1,308 @@
+"""Saliency kernels: Fisher accumulation, the ratio mask and the exact global top-k mask.
+
+Masks are written bit-packed (``fastclu.ops.bits``): every block starts at a multiple of 8
+elements, so a block owns whole bytes and no two programs write the same byte.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastclu._registry import register
+from fastclu.ops.triton import _multitensor as mt
+from fastclu.ops.triton._multitensor import (
+    BLOCK,
+    block_info,
+    groups,
+    helper,
+    launch,
+    load_scalar,
+    on_device,
+    operand_ptr,
+    scalar_arg,
+    tl_dtype,
+)
+
+# ---------------------------------------------------------------------------------------------
+# fisher_accumulate_
+
+
+@triton.jit
+def _fisher_kernel(
+    ptrs, numel, blk_tensor, blk_start, n_tensors, s_ptr, s_val,
+    blk0, S_T: tl.constexpr, POWER: tl.constexpr, DF: tl.constexpr, DG: tl.constexpr, BLOCK: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
+    fp = operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN)
+    s = load_scalar(s_ptr, s_val, S_T)
+    g = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DG, ALIGN) + offs, mask=m).to(tl.float32)
+    if POWER == 2:
+        v = g * g
+    else:
+        v = tl.abs(g)
+    f = tl.load(fp + offs, mask=m).to(tl.float32)
+    tl.store(fp + offs, (f + s * v).to(DF), mask=m)
+
+
+@register("fisher_accumulate_", "triton")
+@on_device
+def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], scale: float | Tensor, *, power: int) -> None:
+    """``fisher += scale * g**2`` (or ``|g|``); see :func:`fastclu.ops.fisher_accumulate_`."""
+    if not fisher:
+        return
+    gs, _ = groups([fisher, grads])
+    for g in gs:
+        if g.n_blocks == 0:
+            continue
+        sp, sv, st = scalar_arg(scale, fisher[0].device, g.numel)
+        launch(_fisher_kernel, g, 
+            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, sp, sv,
+            S_T=st, POWER=power, DF=tl_dtype(g.dtypes[0]), DG=tl_dtype(g.dtypes[1]), BLOCK=BLOCK,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# bit packing helpers
+
+
+@helper
+def _byte_offsets(start, BLOCK: tl.constexpr):
+    """[BLOCK // 8, 8] element offsets and [BLOCK // 8] byte offsets of a block."""
+    bytes_ = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
+    offs = bytes_[:, None] * 8 + tl.arange(0, 8).to(tl.int64)[None, :]
+    return bytes_, offs
+
+
+@helper
+def _pack(bits, BLOCK: tl.constexpr):
+    """bool/int [BLOCK // 8, 8] -> uint8 [BLOCK // 8], bit j of byte = column j."""
+    w = (1 << tl.arange(0, 8)).to(tl.int32)
+    return tl.sum(bits.to(tl.int32) * w[None, :], axis=1).to(tl.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# ratio_mask
+
+
+@helper
+def _f64(hi, mid, lo):
+    return (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
+
+
+@triton.jit
+def _ratio_kernel(
+    ptrs, numel, blk_tensor, blk_start, n_tensors, g_ptr, g_hi, g_mid, g_lo, e_hi, e_mid, e_lo,
+    blk0, G_T: tl.constexpr, DF: tl.constexpr, DR: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    # CT: the reference's compute dtype (fp64 when either input is fp64, else fp32). Host floats
+    # arrive as fp32 triples (kernel float arguments are fp32) so an fp64 comparison sees them whole.
+    pid = tl.program_id(0) + blk0
+    t = tl.load(blk_tensor + pid)
+    n = tl.load(numel + t)
+    bytes_, offs = _byte_offsets(tl.multiple_of(tl.load(blk_start + pid), BLOCK), BLOCK)
+    if EVEN:
+        m = tl.full([BLOCK // 8, 8], 1, tl.int1)
+    else:
+        m = offs < n
+    if G_T:
+        gamma = tl.load(g_ptr).to(CT)
+    else:
+        gamma = _f64(g_hi, g_mid, g_lo).to(CT)
+    eps = _f64(e_hi, e_mid, e_lo).to(CT)
+    ff = tl.load(operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN) + offs, mask=m, other=0.0).to(CT)
+    fr = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DR, ALIGN) + offs, mask=m, other=0.0).to(CT)
+    keep = ((ff + eps) >= gamma * (fr + eps)) & m
+    out = operand_ptr(ptrs, n_tensors, 2, t, tl.uint8, ALIGN)
+    tl.store(out + bytes_, _pack(keep, BLOCK), mask=bytes_ * 8 < n)
+
+
+def _split(x: float) -> tuple[float, float, float]:
+    """A double as three fp32 values whose fp64 sum is exactly ``x`` (kernel float arguments are fp32).
+
+    Two would carry only ~48 of the 53 bits: an fp64 comparison near its boundary could then differ
+    from the reference's.
+    """
+    with np.errstate(over="ignore"):  # beyond fp32 range: inf, as the fp32 reference rounds it too
+        hi = float(np.float32(x))
+        mid = float(np.float32(x - hi)) if np.isfinite(hi) else 0.0
+        return hi, mid, float(np.float32(x - hi - mid)) if np.isfinite(hi) else 0.0
+
+
+def _empty_masks(xs: list[Tensor]) -> list[Tensor]:
+    return [mt.alloc((x.numel() + 7) // 8, torch.uint8, x.device) for x in xs]
+
+
+@register("ratio_mask", "triton")
+@on_device
+def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: float | Tensor, *, eps: float) -> list[Tensor]:
+    """Bit-packed ``(F_f + eps) >= gamma * (F_r + eps)``; see :func:`fastclu.ops.ratio_mask`."""
+    outs = _empty_masks(f_forget)
+    if not f_forget:
+        return outs
+    gs, _ = groups([f_forget, f_remain, outs])
+    for g in gs:
+        if g.n_blocks == 0:
+            continue
+        gp, gv, gt = scalar_arg(gamma, f_forget[0].device, g.numel)
+        wide = torch.float64 in g.dtypes[:2]
+        launch(_ratio_kernel, g,
+            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, gp, *_split(gv), *_split(float(eps)),
+            G_T=gt, DF=tl_dtype(g.dtypes[0]), DR=tl_dtype(g.dtypes[1]), CT=tl.float64 if wide else tl.float32,
+            BLOCK=BLOCK,
+        )  # fmt: skip
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_mask: exact global top-k by histogram radix select over ordered integer keys
+#
+# Each score becomes a uint32 key (uint64 when any score is fp64: narrowing would merge values)
+# whose unsigned order is the float order (-0.0 folded onto +0.0). Passes of 8 bits, most
+# significant first, narrow the k-th largest key down: a pass histograms the digit of every
+# key that matches the prefix found so far (integer atomics: exact and order independent),
+# then one program picks the digit holding the k-th key and updates (prefix, k remaining) on
+# the device, so there is no host sync. The result
+# is the threshold key T and the number q of elements equal to T to keep; the earliest q in
+# global flat order win, found from per-block tie counts and their exclusive prefix sum.
+
+
+
+@helper
+def _ukey(ptr, offs, m, WIDE: tl.constexpr):
+    if WIDE:
+        x = tl.load(ptr + offs, mask=m, other=0.0).to(tl.float64)
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0
+        bits = x.to(tl.int64, bitcast=True)
+        key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)  # signed int order == float order
+        return (key ^ -9223372036854775808).to(tl.uint64, bitcast=True)  # unsigned order == float order
+    else:
+        x = tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.where(x == 0.0, 0.0, x)
+        bits = x.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        return (key ^ -2147483648).to(tl.uint32, bitcast=True)
+
+
+@helper
+def _state_key(state, WIDE: tl.constexpr):
+    """The key bits found so far (held in an int64 on the device) in the key's own type."""
+    if WIDE:
+        return tl.load(state).to(tl.uint64, bitcast=True)
+    else:
+        return tl.load(state).to(tl.uint32)
+
+
+@triton.jit
+def _topk_hist_kernel(
+    ptrs, numel, blk_tensor, blk_start, n_tensors, state, hist, blk0, SHIFT: tl.constexpr, WIDE: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
+    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m, WIDE)
+    if SHIFT < (56 if WIDE else 24):
+        prefix = _state_key(state, WIDE)
+        m = m & ((k >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+    digit = ((k >> SHIFT) & 255).to(tl.int32)
+    h = tl.histogram(tl.where(m, digit, 256), 512)  # non-matching keys land in bins >= 256
+    bins = tl.arange(0, 512)
+    tl.atomic_add(hist + bins, h.to(tl.int64), mask=(bins < 256) & (h > 0))
+
+
+@triton.jit
+def _topk_select_kernel(state, hist, SHIFT: tl.constexpr):
+    bins = tl.arange(0, 256)
+    h = tl.load(hist + bins)
+    kr = tl.load(state + 1)
+    total = tl.sum(h, axis=0)
+    above = total - tl.cumsum(h, axis=0)  # keys with a larger digit
+    hit = (above < kr) & (above + h >= kr)
+    d = tl.max(tl.where(hit, bins, -1), axis=0)
+    above_d = tl.sum(tl.where(bins == d, above, 0), axis=0)
+    prefix = tl.load(state)
+    # at SHIFT 56 the digit reaches the int64 sign bit: the bits are what matter (bitcast later)
+    tl.store(state, prefix | (d.to(tl.int64) << SHIFT))
+    tl.store(state + 1, kr - above_d)
+    tl.store(hist + bins, tl.zeros([256], dtype=tl.int64))
+
+
+@triton.jit
+def _topk_ties_kernel(
+    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties, blk0, WIDE: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0) + blk0
+    t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
+    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m, WIDE)
+    thr = _state_key(state, WIDE)
+    eq = (m & (k == thr)).to(tl.int64)
+    tl.store(ties + tl.load(blk_global + pid), tl.sum(eq, axis=0))
+
+
+@triton.jit
+def _topk_write_kernel(
+    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties_before, blk0, WIDE: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0) + blk0
+    t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
+    n = tl.load(numel + t)
+    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m, WIDE)
+    thr = _state_key(state, WIDE)
+    q = tl.load(state + 1)
+    eq = (m & (k == thr)).to(tl.int64)
+    rank = tl.load(ties_before + tl.load(blk_global + pid)) + tl.cumsum(eq, axis=0) - eq
+    keep = m & ((k > thr) | ((eq != 0) & (rank < q)))
+    packed = _pack(tl.reshape(keep.to(tl.int32), [BLOCK // 8, 8]), BLOCK)
+    bytes_ = (tl.load(blk_start + pid) >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
+    tl.store(operand_ptr(ptrs, n_tensors, 1, t, tl.uint8, ALIGN) + bytes_, packed, mask=bytes_ * 8 < n)
+
+
+@register("topk_mask", "triton")
+@on_device
+def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
+    """Exact global top-``k`` mask, bit-packed, ties to the earliest; see :func:`fastclu.ops.topk_mask`."""
+    # fp16/bf16 widen to fp32 exactly; with any fp64 score every key is 64-bit (8 passes)
+    wide = any(s.dtype == torch.float64 for s in scores)
+    outs = _empty_masks(scores)
+    if not scores:
+        return outs
+    if k == 0:
+        for o in outs:
+            o.zero_()
+        return outs
+    dev = scores[0].device
+    gs, total = groups([scores, outs])
+    state = torch.tensor([0, k], dtype=torch.int64).to(dev)
+    hist = torch.zeros(256, dtype=torch.int64, device=dev)
+    for shift in range(56 if wide else 24, -1, -8):
+        for g in gs:
+            if g.n_blocks:
+                launch(_topk_hist_kernel, g, 
+                    g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, state, hist,
+                    SHIFT=shift, WIDE=wide, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
+                )  # fmt: skip
+        _topk_select_kernel[(1,)](state, hist, SHIFT=shift)
+    ties = mt.alloc(max(total, 1), torch.int64, dev)
+    for g in gs:
+        if g.n_blocks:
+            launch(_topk_ties_kernel, g, 
+                g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, state, ties,
+                WIDE=wide, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
+            )  # fmt: skip
+    # Integer prefix sum over a few values per block: exact, and tiny next to the scores.
+    ties_before = torch.cumsum(ties, 0) - ties
+    for g in gs:
+        if g.n_blocks:
+            launch(_topk_write_kernel, g, 
+                g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, state, ties_before,
+                WIDE=wide, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
+            )  # fmt: skip
+    return outs
