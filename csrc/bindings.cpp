@@ -1,0 +1,104 @@
+// pybind11 module fastclu._C: thin bindings over the host entry points of ops.h.
+// Arguments are plain ints (device addresses, sizes, the CUDA stream handle) and floats, so the
+// module links no torch library and imports on a machine without a GPU or driver: nothing
+// here touches CUDA until an op is called. CUDA errors surface as RuntimeError naming the op.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "ops.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+// Scalars travel as (value, device address or 0); coefficient lists as Python lists of those.
+fastclu::CombineConfig make_config(const py::dict& d) {
+  fastclu::CombineConfig c;
+  auto get = [&](const char* k) -> py::object {
+    if (!d.contains(k)) throw py::key_error(std::string("combine_step config is missing ") + k);
+    return d[k];
+  };
+  c.adamw = get("adamw").cast<bool>();
+  c.n_roles = get("n_roles").cast<int>();
+  c.masked_bits = get("masked_bits").cast<unsigned>();
+  c.update_mode = get("update_mode").cast<bool>();
+  c.has_mask = get("has_mask").cast<bool>();
+  c.has_restore = get("has_restore").cast<bool>();
+  c.has_penalty = get("has_penalty").cast<bool>();
+  c.maximize = get("maximize").cast<bool>();
+  c.nesterov = get("nesterov").cast<bool>();
+  c.init_momentum = get("init_momentum").cast<bool>();
+  c.amsgrad = get("amsgrad").cast<bool>();
+  c.momentum = get("momentum").cast<double>();
+  c.dampening = get("dampening").cast<double>();
+  c.weight_decay = get("weight_decay").cast<double>();
+  c.beta1 = get("beta1").cast<double>();
+  c.beta2 = get("beta2").cast<double>();
+  c.eps = get("eps").cast<double>();
+  auto scal = [&](const char* k, double& v, uint64_t& p) {
+    auto t = get(k).cast<std::pair<double, uint64_t>>();
+    v = t.first;
+    p = t.second;
+  };
+  scal("lr", c.lr, c.lr_ptr);
+  scal("scale", c.scale, c.scale_ptr);
+  scal("penalty", c.penalty, c.penalty_ptr);
+  scal("grad_scale", c.grad_scale, c.grad_scale_ptr);
+  c.has_grad_scale = get("has_grad_scale").cast<bool>();
+  auto coeffs = get("coeffs").cast<std::vector<std::pair<double, uint64_t>>>();
+  // checked before the copy: coeff[] holds 4 entries (the kernel re-checks n_roles too)
+  if (c.n_roles < 1 || c.n_roles > 4) throw py::value_error("combine_step: n_roles must be in [1, 4]");
+  if (coeffs.size() != static_cast<size_t>(c.n_roles)) throw py::value_error("coeffs must have n_roles entries");
+  for (size_t r = 0; r < coeffs.size(); ++r) {
+    c.coeff[r] = coeffs[r].first;
+    c.coeff_ptr[r] = coeffs[r].second;
+  }
+  c.found_inf_ptr = get("found_inf_ptr").cast<uint64_t>();
+  c.step_mode = get("step_mode").cast<int>();
+  c.step = get("step").cast<double>();
+  c.steps_ptr = get("steps_ptr").cast<uint64_t>();
+  return c;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastclu CUDA kernels (raw device addresses + CUDA stream handles; no torch ABI).";
+  m.attr("CHUNK") = fastclu::chunk_elements();
+  m.attr("ROW_HEADER") = fastclu::row_header();
+  m.attr("ABI_VERSION") = 1;
+
+  m.def("fisher_accumulate", &fastclu::fisher_accumulate, "table"_a, "n_rows"_a, "n_chunks"_a, "scale"_a,
+        "scale_ptr"_a, "power"_a, "stream"_a);
+  m.def("ratio_mask", &fastclu::ratio_mask, "table"_a, "n_rows"_a, "n_chunks"_a, "gamma"_a, "gamma_ptr"_a, "eps"_a,
+        "stream"_a);
+  m.def("lerp_sync", &fastclu::lerp_sync, "table"_a, "n_rows"_a, "n_chunks"_a, "beta"_a, "beta_ptr"_a, "stream"_a);
+  m.def("fd_hvp", &fastclu::fd_hvp, "table"_a, "n_rows"_a, "n_chunks"_a, "eps"_a, "eps_ptr"_a, "accumulate"_a,
+        "stream"_a);
+  m.def("merge", &fastclu::merge, "table"_a, "n_rows"_a, "n_chunks"_a, "alpha"_a, "alpha_ptr"_a, "stream"_a);
+  m.def("perturb_dir", &fastclu::perturb_dir, "table"_a, "n_rows"_a, "n_chunks"_a, "scale"_a, "scale_ptr"_a,
+        "mode"_a, "stream"_a);
+  m.def("row_norms", &fastclu::row_norms, "table"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
+  m.def("perturb_noise", &fastclu::perturb_noise, "table"_a, "n_rows"_a, "n_chunks"_a, "scale"_a, "scale_ptr"_a,
+        "seed"_a, "stream"_a);
+  m.def("gram", &fastclu::gram, "table"_a, "n_rows"_a, "n_chunks"_a, "n_roles"_a, "masked_bits"_a, "partial"_a,
+        "out"_a, "stream"_a);
+  m.def("merge_stats", &fastclu::merge_stats, "table"_a, "n_rows"_a, "n_chunks"_a, "partial"_a, "out"_a,
+        "stream"_a);
+  m.def("topk_mask", &fastclu::topk_mask, "table"_a, "n_rows"_a, "n_chunks"_a, "k"_a, "state"_a, "eqcount"_a,
+        "stream"_a);
+  m.def("philox_words", &fastclu::philox_words_host, "seed"_a, "tensor_index"_a, "j"_a,
+        "The four Philox 4x32-10 words of element j (host evaluation of the kernels' code).");
+  m.def("philox_normal", &fastclu::philox_normal_host, "seed"_a, "tensor_index"_a, "j"_a,
+        "The kernels' standard normal for element j, evaluated on the host (libm may differ by an ulp).");
+  m.def("restore_mt", &fastclu::restore_mt, "table"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
+  m.def("restore", &fastclu::restore, "dst"_a, "src"_a, "nbytes"_a, "stream"_a);
+  m.def(
+      "combine_step",
+      [](uint64_t table, int n_rows, int64_t n_chunks, const py::dict& config, uint64_t stream) {
+        const fastclu::CombineConfig cfg = make_config(config);
+        fastclu::combine_step(table, n_rows, n_chunks, cfg, stream);
+      },
+      "table"_a, "n_rows"_a, "n_chunks"_a, "config"_a, "stream"_a);
+}

@@ -1,0 +1,254 @@
+// combine_step_: the saliency-masked combination of up to 4 role gradients fused into an
+// SGD or AdamW update, in torch.optim's single-tensor operation order, all in fp32.
+#include "common.cuh"
+#include "ops.h"
+
+namespace fastclu {
+
+namespace {
+
+enum : int { kParam = 0, kRestore = 1, kGrad0 = 2, kMask = 6, kState0 = 7, kState1 = 8, kStateMax = 9,
+             kImportance = 10, kAnchor = 11, kStep = 12, kCombineOps = 13 };
+
+struct CombineArgs {
+  int n_roles;
+  unsigned masked_bits;
+  bool update_mode, has_mask, has_restore, has_penalty, maximize, nesterov, init_momentum, amsgrad;
+  bool has_grad_scale;
+  float momentum, dampening, weight_decay, beta1, beta2, eps;
+  double weight_decay_d;
+  float one_minus_dampening;  // formed in double on the host, as torch's alpha=1 - dampening
+  double beta1_d, beta2_d;
+  double lr_host;  // lr as a double when it is a host value (torch forms lr * wd and lr / bc1 in double)
+  Scal lr, scale, penalty, grad_scale;
+  Scal coeff[4];
+  const float* found_inf;
+  int step_mode;
+  double step;
+  const float* steps;
+};
+
+// torch.lerp's two-sided formula (exact at both ends), used by AdamW's exp_avg.lerp_.
+__device__ __forceinline__ float torch_lerp(float a, float b, float w) {
+  return w < 0.5f ? __fadd_rn(a, __fmul_rn(w, __fsub_rn(b, a))) : __fsub_rn(b, __fmul_rn(__fsub_rn(b, a), 1.0f - w));
+}
+
+template <bool ADAMW>
+struct CombineOp {
+  struct Ctx {
+    float step_size;  // AdamW: lr / bias_correction1
+    float bc2_sqrt;
+    float lr;
+    float decay;  // AdamW: 1 - lr * weight_decay
+  };
+  CombineArgs a;
+
+  __device__ Ctx prepare(const Chunk& ch) const {
+    Ctx c;
+    c.lr = a.lr.get();
+    c.step_size = c.lr;
+    c.bc2_sqrt = 1.f;
+    c.decay = 1.f;
+    if (ADAMW) {
+      const double lr = a.lr.p ? static_cast<double>(c.lr) : a.lr_host;
+      if (a.weight_decay != 0.f) {
+        c.decay = a.lr.p ? 1.0f - __fmul_rn(c.lr, a.weight_decay)
+                         : static_cast<float>(1.0 - a.lr_host * static_cast<double>(a.weight_decay_d));
+      }
+      double step = a.step;
+      if (a.step_mode == 1) step = a.steps[ch.tidx];
+      else if (a.step_mode == 2) step = *static_cast<const float*>(ch.ptr(kStep));
+      const double bc1 = 1.0 - pow(a.beta1_d, step), bc2 = 1.0 - pow(a.beta2_d, step);
+      // host lr: a double division as in Python; device lr: an fp32 tensor op
+      c.step_size = a.lr.p ? __fdiv_rn(c.lr, static_cast<float>(bc1)) : static_cast<float>(lr / bc1);
+      c.bc2_sqrt = static_cast<float>(sqrt(bc2));
+    }
+    return c;
+  }
+
+  __device__ void operator()(const Chunk& ch, const Ctx& cx, int64_t j, int cnt, bool vec) const {
+    float theta[8], g[8], tmp[8];
+    load8(ch.ptr(a.has_restore ? kRestore : kParam), ch.dtype(a.has_restore ? kRestore : kParam), j, cnt, vec, theta);
+    // The reference restores first (params.copy_(restore_from)), so theta is restore_from rounded
+    // to the params' dtype when the two differ (fp32 clean copy of fp16/bf16 weights).
+    if (a.has_restore && ch.dtype(kRestore) != ch.dtype(kParam)) round8(ch.dtype(kParam), theta);
+    const unsigned mbyte = a.has_mask ? load_mask_byte(ch.ptr(kMask), j) : 0xffu;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      if (r >= a.n_roles) break;
+      load8(ch.ptr(kGrad0 + r), ch.dtype(kGrad0 + r), j, cnt, vec, tmp);
+      const float c = a.coeff[r].get();
+      const bool gated = (a.masked_bits >> r) & 1u;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        // where(), not a product: an inf/NaN gradient under a zero bit must not leak.
+        const float x = (gated && !((mbyte >> k) & 1u)) ? 0.f : tmp[k];
+        const float term = __fmul_rn(x, c);
+        g[k] = r == 0 ? term : __fadd_rn(g[k], term);  // 0 + x would turn -0.0 into +0.0
+      }
+    }
+    const float s = a.scale.get();
+    const float gs = a.has_grad_scale ? a.grad_scale.get() : 1.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      g[k] = __fmul_rn(s, g[k]);
+      if (a.has_grad_scale) g[k] = __fdiv_rn(g[k], gs);
+    }
+    if (a.has_penalty) {
+      float imp[8], anc[8];
+      load8(ch.ptr(kImportance), ch.dtype(kImportance), j, cnt, vec, imp);
+      load8(ch.ptr(kAnchor), ch.dtype(kAnchor), j, cnt, vec, anc);
+      const float pen = a.penalty.get();
+#pragma unroll
+      for (int k = 0; k < 8; ++k) g[k] = __fadd_rn(g[k], __fmul_rn(__fmul_rn(pen, imp[k]), __fsub_rn(theta[k], anc[k])));
+    }
+    if (a.maximize) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) g[k] = -g[k];
+    }
+    // update mode: a zero bit freezes the weight and its state (the weight is still written
+    // when it was read from restore_from, so the fused restore holds for frozen entries too).
+    const unsigned live = a.update_mode ? mbyte : 0xffu;
+    float out[8];
+    if (!ADAMW) {
+      float buf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      const bool mom = a.momentum != 0.f;
+      // init_momentum overwrites the buffer, so it is only read where update mode keeps old values.
+      if (mom && (!a.init_momentum || a.update_mode)) load8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, buf);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const bool on = (live >> k) & 1u;
+        float d = g[k];
+        if (a.weight_decay != 0.f) d = __fadd_rn(d, __fmul_rn(a.weight_decay, theta[k]));
+        if (mom) {
+          float b;
+          if (a.init_momentum) b = d;
+          else b = __fadd_rn(__fmul_rn(buf[k], a.momentum), __fmul_rn(a.one_minus_dampening, d));
+          if (on) buf[k] = b;
+          d = a.nesterov ? __fadd_rn(d, __fmul_rn(a.momentum, b)) : b;
+        }
+        out[k] = on ? __fadd_rn(theta[k], __fmul_rn(-cx.lr, d)) : theta[k];
+      }
+      if (mom) store8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, buf);
+    } else {
+      float m[8], v[8], vmax[8];
+      load8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, m);
+      load8(ch.ptr(kState1), ch.dtype(kState1), j, cnt, vec, v);
+      if (a.amsgrad) load8(ch.ptr(kStateMax), ch.dtype(kStateMax), j, cnt, vec, vmax);
+      const float decay = cx.decay;
+      const float w1 = static_cast<float>(1.0 - a.beta1_d), w2 = static_cast<float>(1.0 - a.beta2_d);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (!((live >> k) & 1u)) {
+          out[k] = theta[k];
+          continue;
+        }
+        const float th = __fmul_rn(theta[k], decay);
+        m[k] = torch_lerp(m[k], g[k], w1);
+        v[k] = __fadd_rn(__fmul_rn(v[k], a.beta2), __fmul_rn(__fmul_rn(w2, g[k]), g[k]));
+        float vv = v[k];
+        if (a.amsgrad) {
+          // torch.maximum propagates NaN where fmaxf would drop it
+          vmax[k] = (isnan(vmax[k]) || isnan(v[k])) ? __int_as_float(0x7fc00000) : fmaxf(vmax[k], v[k]);
+          vv = vmax[k];
+        }
+        const float denom = __fadd_rn(__fdiv_rn(sqrtf(vv), cx.bc2_sqrt), a.eps);
+        out[k] = __fadd_rn(th, __fmul_rn(-cx.step_size, __fdiv_rn(m[k], denom)));
+      }
+      store8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, m);
+      store8(ch.ptr(kState1), ch.dtype(kState1), j, cnt, vec, v);
+      if (a.amsgrad) store8(ch.ptr(kStateMax), ch.dtype(kStateMax), j, cnt, vec, vmax);
+    }
+    store8(ch.ptr(kParam), ch.dtype(kParam), j, cnt, vec, out);
+  }
+};
+
+template <bool ADAMW>
+__global__ void __launch_bounds__(kThreads) combine_kernel(Table t, CombineOp<ADAMW> op) {
+  // AMP skip: one read per block, no host sync; weights and state stay as they are, except
+  // that a fused restore still happens (a skipped step must not leave the weights perturbed).
+  if (op.a.found_inf != nullptr && *op.a.found_inf != 0.f) {
+    if (!op.a.has_restore) return;
+    for (int64_t c = blockIdx.x; c < t.n_chunks; c += gridDim.x) {
+      const Chunk ch = locate(t, c);
+      const bool vec = all_aligned(ch, t.n_ops);
+      for (int o = threadIdx.x; o < kOctetsPerChunk; o += kThreads) {
+        const int64_t j = ch.begin + 8 * static_cast<int64_t>(o);
+        if (j >= ch.numel) break;
+        const int64_t left = ch.numel - j;
+        const int cnt = left < 8 ? static_cast<int>(left) : 8;
+        if (ch.dtype(kRestore) == ch.dtype(kParam)) {
+          copy8(ch.ptr(kParam), ch.ptr(kRestore), ch.dtype(kParam), j, cnt, vec);  // bit-exact restore
+        } else {
+          float v[8];
+          load8(ch.ptr(kRestore), ch.dtype(kRestore), j, cnt, vec, v);
+          store8(ch.ptr(kParam), ch.dtype(kParam), j, cnt, vec, v);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t c = blockIdx.x; c < t.n_chunks; c += gridDim.x) {
+    const Chunk ch = locate(t, c);
+    const bool vec = all_aligned(ch, t.n_ops);
+    const auto ctx = op.prepare(ch);
+    for (int o = threadIdx.x; o < kOctetsPerChunk; o += kThreads) {
+      const int64_t j = ch.begin + 8 * static_cast<int64_t>(o);
+      if (j >= ch.numel) break;
+      const int64_t left = ch.numel - j;
+      op(ch, ctx, j, left < 8 ? static_cast<int>(left) : 8, vec);
+    }
+  }
+}
+
+Scal scal_of(double v, uint64_t p) { return as_scal(v, p); }
+
+}  // namespace
+
+void combine_step(uint64_t table, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream) {
+  const char* op = "combine_step_";
+  const Table t = make_table(op, table, n_rows, kCombineOps, n_chunks);
+  if (cfg.n_roles < 1 || cfg.n_roles > 4) fail(op, "n_roles must be in [1, 4]");
+  if (cfg.step_mode < 0 || cfg.step_mode > 2) fail(op, "bad step_mode");
+  if (cfg.step_mode == 1 && cfg.steps_ptr == 0) fail(op, "step_mode 1 needs steps_ptr");
+  if (n_chunks <= 0) return;
+  CombineArgs a{};
+  a.n_roles = cfg.n_roles;
+  // update mode never gates the roles: frozen entries discard the whole update instead.
+  a.masked_bits = (cfg.has_mask && !cfg.update_mode) ? cfg.masked_bits : 0u;
+  a.update_mode = cfg.update_mode && cfg.has_mask;
+  a.has_mask = cfg.has_mask;
+  a.has_restore = cfg.has_restore;
+  a.has_penalty = cfg.has_penalty;
+  a.maximize = cfg.maximize;
+  a.nesterov = cfg.nesterov;
+  a.init_momentum = cfg.init_momentum;
+  a.amsgrad = cfg.amsgrad;
+  a.has_grad_scale = cfg.has_grad_scale;
+  a.momentum = static_cast<float>(cfg.momentum);
+  a.dampening = static_cast<float>(cfg.dampening);
+  a.weight_decay = static_cast<float>(cfg.weight_decay);
+  a.weight_decay_d = cfg.weight_decay;
+  a.one_minus_dampening = static_cast<float>(1.0 - cfg.dampening);
+  a.lr_host = cfg.lr;
+  a.beta1 = static_cast<float>(cfg.beta1);
+  a.beta2 = static_cast<float>(cfg.beta2);
+  a.eps = static_cast<float>(cfg.eps);
+  a.beta1_d = cfg.beta1;
+  a.beta2_d = cfg.beta2;
+  a.lr = scal_of(cfg.lr, cfg.lr_ptr);
+  a.scale = scal_of(cfg.scale, cfg.scale_ptr);
+  a.penalty = scal_of(cfg.penalty, cfg.penalty_ptr);
+  a.grad_scale = scal_of(cfg.grad_scale, cfg.grad_scale_ptr);
+  for (int r = 0; r < 4; ++r) a.coeff[r] = scal_of(cfg.coeff[r], cfg.coeff_ptr[r]);
+  a.found_inf = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.found_inf_ptr));
+  a.step_mode = cfg.step_mode;
+  a.step = cfg.step;
+  a.steps = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.steps_ptr));
+  const int grid = grid_for(op, n_chunks);
+  if (cfg.adamw) combine_kernel<true><<<grid, kThreads, 0, as_stream(stream)>>>(t, CombineOp<true>{a});
+  else combine_kernel<false><<<grid, kThreads, 0, as_stream(stream)>>>(t, CombineOp<false>{a});
+  check_launch(op);
+}
+
+}  // namespace fastclu

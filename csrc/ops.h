@@ -1,0 +1,77 @@
+// Host entry points of the fastclu kernels, called by bindings.cpp. Plain integer/double
+// arguments only (addresses as uint64, CUDA stream as uint64) so this header needs neither
+// CUDA nor pybind11. Every function throws std::runtime_error naming the op on a CUDA error.
+//
+// A table argument is (address of the device int64 table, rows, total chunks); see
+// common.cuh for the row layout. A scalar is (host value, device fp32 address or 0).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastclu {
+
+int64_t chunk_elements();
+int row_header();
+
+// operands: 0 fisher, 1 grads
+void fisher_accumulate(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int power,
+                       uint64_t stream);
+// operands: 0 f_forget, 1 f_remain, 2 packed mask (out)
+void ratio_mask(uint64_t table, int n_rows, int64_t n_chunks, double gamma, uint64_t gamma_ptr, double eps,
+                uint64_t stream);
+// operands: 0 slow, 1 fast
+void lerp_sync(uint64_t table, int n_rows, int64_t n_chunks, double beta, uint64_t beta_ptr, uint64_t stream);
+// operands: 0 out, 1 grads_plus, 2 grads_minus
+void fd_hvp(uint64_t table, int n_rows, int64_t n_chunks, double eps, uint64_t eps_ptr, bool accumulate,
+            uint64_t stream);
+// operands: 0 params, 1 anchor
+void merge(uint64_t table, int n_rows, int64_t n_chunks, double alpha, uint64_t alpha_ptr, uint64_t stream);
+// operands: 0 params, 1 backup (or null), 2 anchor (mode 0) / direction (mode 1)
+void perturb_dir(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int mode,
+                 uint64_t stream);
+// Host evaluation of the kernels' Philox stream (for checks without a GPU).
+std::vector<uint32_t> philox_words_host(uint64_t seed, uint32_t tidx, int64_t j);
+float philox_normal_host(uint64_t seed, uint32_t tidx, int64_t j);
+// Row table (chunks are rows, aux = row length): operands 0 params, 1 fp32 norms (out).
+void row_norms(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream);
+// operands: 0 params, 1 backup (or null), 2 fp32 row norms; aux = row length
+void perturb_noise(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, uint64_t seed,
+                   uint64_t stream);
+// operands: 0..3 role grads, 4 mask (or null). partial: fp64 [n_chunks * 10]; out fp32 [R, R].
+void gram(uint64_t table, int n_rows, int64_t n_chunks, int n_roles, unsigned masked_bits, uint64_t partial,
+          uint64_t out, uint64_t stream);
+// operands: 0 params, 1 anchor, 2 fisher_sum, 3 fisher_theta_sum. partial fp64 [n_chunks * 2]; out fp32 [2].
+void merge_stats(uint64_t table, int n_rows, int64_t n_chunks, uint64_t partial, uint64_t out, uint64_t stream);
+// topk: state is an int64 [4 + 256] device buffer; eqcount int64 [n_chunks]. operands 0 scores, 1 mask (out).
+void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t state, uint64_t eqcount,
+               uint64_t stream);
+// operands: 0 params (out), 1 backup; same dtype (fp32/fp16/bf16): one launch for every tensor.
+void restore_mt(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream);
+// One cudaMemcpyAsync per pair (bit-exact, any dtype): the fallback for fp64 tensors.
+void restore(const std::vector<uint64_t>& dst, const std::vector<uint64_t>& src, const std::vector<int64_t>& nbytes,
+             uint64_t stream);
+
+struct CombineConfig {
+  bool adamw = false;
+  int n_roles = 1;
+  unsigned masked_bits = 0;  // bit r: role r is gated by the mask
+  bool update_mode = false;
+  bool has_mask = false, has_restore = false, has_penalty = false;
+  bool maximize = false, nesterov = false, init_momentum = false, amsgrad = false;
+  double momentum = 0, dampening = 0, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double lr = 0; uint64_t lr_ptr = 0;
+  double scale = 1; uint64_t scale_ptr = 0;
+  double penalty = 0; uint64_t penalty_ptr = 0;
+  double coeff[4] = {1, 1, 1, 1}; uint64_t coeff_ptr[4] = {0, 0, 0, 0};
+  double grad_scale = 1; uint64_t grad_scale_ptr = 0; bool has_grad_scale = false;
+  uint64_t found_inf_ptr = 0;
+  // AdamW step: 0 one host value for every tensor, 1 fp32 device array indexed by tensor index,
+  // 2 each row's operand 12 points to the (already incremented) fp32 step counter.
+  int step_mode = 0; double step = 1; uint64_t steps_ptr = 0;
+};
+// operands: 0 params, 1 restore_from, 2..5 role grads, 6 mask, 7 momentum_buffer / exp_avg,
+// 8 exp_avg_sq, 9 max_exp_avg_sq, 10 importance, 11 anchor, 12 step counter (kPtr)
+void combine_step(uint64_t table, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream);
+
+}  // namespace fastclu

@@ -1,0 +1,160 @@
+"""CUDA backend: ``combine_step_`` (masked role combination fused into SGD / AdamW)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastclu import _C
+from fastclu._registry import register
+from fastclu.ops.cuda._launch import build_table, has_fp64, on_device, reference, require_cuda, scalar, stream_of
+
+Scalar = float | Tensor
+
+
+def _is(x: Scalar, value: float) -> bool:
+    return isinstance(x, float) and x == value
+
+
+def _step_source(
+    steps: list[Tensor], found_inf: Tensor | None, dev: torch.device
+) -> tuple[int, float, Tensor | None, bool]:
+    """Increment AdamW's step counters and say how the kernel reads them.
+
+    Returns ``(step_mode, step, steps_on_device, skip)``. Device counters (mode 2) are
+    incremented on the stream (by 0 when ``found_inf`` is set, so no sync); CPU counters are
+    incremented on the host, which needs the value of a device ``found_inf`` (one sync).
+    """
+    on_dev = [s.device.type == "cuda" for s in steps]
+    if steps and all(on_dev):
+        for i, s in enumerate(steps):
+            if s.device != dev or s.dtype != torch.float32:
+                raise TypeError(
+                    f"state['step'][{i}] must be an fp32 tensor on {dev} or on the CPU, got {s.dtype} on {s.device}"
+                )
+        if found_inf is None:
+            torch._foreach_add_(steps, 1.0)
+        else:
+            inc = (found_inf.reshape(()).to(device=dev, dtype=torch.float32) == 0).to(torch.float32)
+            torch._foreach_add_(steps, [inc] * len(steps))
+        return 2, 1.0, None, False
+    if any(on_dev):
+        raise ValueError("state['step'] must be all on the params' device or all on the CPU")
+    if found_inf is not None and float(found_inf.reshape(())) != 0.0:
+        return 0, 1.0, None, True
+    values = []
+    for s in steps:
+        s += 1
+        values.append(float(s.reshape(())))
+    if len(set(values)) <= 1:
+        return 0, values[0] if values else 1.0, None, False
+    arr = torch.tensor(values, dtype=torch.float32).pin_memory().to(dev, non_blocking=True)
+    return 1, 1.0, arr, False
+
+
+@register("combine_step_", "cuda")
+def combine_step_(
+    params: list[Tensor],
+    grads: Sequence[list[Tensor]],
+    state: dict[str, list[Tensor]],
+    *,
+    rule: str,
+    lr: Scalar,
+    coeffs: Sequence[Scalar],
+    scale: Scalar,
+    mask: list[Tensor] | None,
+    masked: Sequence[bool],
+    mask_mode: str,
+    penalty: Scalar,
+    importance: list[Tensor] | None,
+    anchor: list[Tensor] | None,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    restore_from: list[Tensor] | None,
+    weight_decay: float,
+    maximize: bool,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    init_momentum: bool,
+    betas: tuple[float, float],
+    eps: float,
+    amsgrad: bool,
+) -> None:
+    """One launch per step over every parameter (after an optional tiny step-counter update).
+
+    Operand table: params, restore_from, 4 role grads, mask, 3 state buffers, importance,
+    anchor, step counter. State buffers and grads may be fp32/fp16/bf16; math is fp32.
+    """
+    op = "combine_step_"
+    adamw = rule == "adamw"
+    keys = (["momentum_buffer"] if momentum != 0 else []) if not adamw else (
+        ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else []))  # fmt: skip
+    bufs = [state[k] for k in keys]
+    named = [("params", params), ("mask", mask), ("importance", importance), ("anchor", anchor),
+             ("restore_from", restore_from)] + [(f"grads[{r}]", g) for r, g in enumerate(grads)] + [
+             (f"state[{k!r}]", b) for k, b in zip(keys, bufs)]  # fmt: skip
+    for name, xs in named:
+        if xs is not None:
+            require_cuda(op, name, xs)
+    if not params:
+        return
+    if has_fp64(params, importance, anchor, restore_from, *grads, *bufs):
+        return reference(op)(
+            params, grads, state, rule=rule, lr=lr, coeffs=coeffs, scale=scale, mask=mask, masked=masked,
+            mask_mode=mask_mode, penalty=penalty, importance=importance, anchor=anchor, grad_scale=grad_scale,
+            found_inf=found_inf, restore_from=restore_from, weight_decay=weight_decay, maximize=maximize,
+            momentum=momentum, dampening=dampening, nesterov=nesterov, init_momentum=init_momentum,
+            betas=betas, eps=eps, amsgrad=amsgrad,
+        )  # fmt: skip
+    dev = params[0].device
+    with on_device(dev):
+        fi_ptr = 0
+        fi_keep = None
+        if found_inf is not None:
+            if found_inf.device.type != "cuda":
+                if float(found_inf.reshape(())) != 0.0:  # host value: skip right here
+                    if restore_from is not None:  # the restore is not part of the skipped step
+                        torch._foreach_copy_(params, restore_from)
+                    return
+            else:
+                fi_keep = found_inf.reshape(()).to(device=dev, dtype=torch.float32)
+                fi_ptr = fi_keep.data_ptr()
+        step_mode, step, steps_arr, skip = 0, 1.0, None, False
+        steps = state["step"] if adamw else None
+        if adamw:
+            step_mode, step, steps_arr, skip = _step_source(list(steps), found_inf, dev)
+            if skip:  # CPU counters and a device found_inf that is set (already synced)
+                if restore_from is not None:
+                    torch._foreach_copy_(params, restore_from)
+                return
+        roles: list[list[Tensor] | None] = [list(grads[r]) if r < len(grads) else None for r in range(4)]
+        state_ops: list[list[Tensor] | None] = [bufs[k] if k < len(bufs) else None for k in range(3)]
+        has_penalty = importance is not None and not _is(penalty, 0.0)
+        operands = [
+            params, restore_from, *roles, mask, *state_ops,
+            importance if has_penalty else None, anchor if has_penalty else None,
+            list(steps) if step_mode == 2 else None,
+        ]  # fmt: skip
+        t = build_table(op, operands, dev, pointer_operands=(12,))
+        scal = {name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty))}
+        coeff = [scalar(c, dev) for c in coeffs]
+        gs = scalar(grad_scale, dev) if grad_scale is not None else None
+        bits = sum(1 << r for r, f in enumerate(masked) if f) if mask is not None else 0
+        config = {
+            "adamw": adamw, "n_roles": len(grads), "masked_bits": bits, "update_mode": mask_mode == "update",
+            "has_mask": mask is not None, "has_restore": restore_from is not None, "has_penalty": has_penalty,
+            "maximize": bool(maximize), "nesterov": bool(nesterov), "init_momentum": bool(init_momentum),
+            "amsgrad": bool(amsgrad), "momentum": float(momentum), "dampening": float(dampening),
+            "weight_decay": float(weight_decay), "beta1": float(betas[0]), "beta2": float(betas[1]),
+            "eps": float(eps), "lr": scal["lr"].pair, "scale": scal["scale"].pair, "penalty": scal["penalty"].pair,
+            "grad_scale": gs.pair if gs is not None else (1.0, 0), "has_grad_scale": gs is not None,
+            "coeffs": [c.pair for c in coeff], "found_inf_ptr": fi_ptr, "step_mode": step_mode, "step": step,
+            "steps_ptr": 0 if steps_arr is None else steps_arr.data_ptr(),
+        }  # fmt: skip
+        _C.combine_step(t.ptr, t.n_rows, t.n_chunks, config, stream_of(dev))
+        # Tensors whose addresses the launch uses stay referenced until here (stream-ordered reuse
+        # by the caching allocator makes freeing them afterwards safe).
+        del scal, coeff, gs, fi_keep, steps_arr

@@ -1,0 +1,69 @@
+"""CUDA backend: ``perturb_`` (task vector, direction, or row-scaled Philox noise)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastclu import _C
+from fastclu._registry import register
+from fastclu.ops.cuda import _launch
+from fastclu.ops.cuda._launch import build_table, has_fp64, on_device, reference, require_cuda, scalar, stream_of
+
+Scalar = float | Tensor
+
+
+def _rows(t: Tensor) -> int:
+    return t.shape[0] if t.dim() >= 2 else 1
+
+
+@register("perturb_", "cuda")
+def perturb_(
+    params: list[Tensor],
+    scale: Scalar,
+    *,
+    backup: list[Tensor] | None,
+    anchor: list[Tensor] | None,
+    direction: list[Tensor] | None,
+    seed: int | None,
+    row_norms: list[Tensor] | None,
+) -> list[Tensor] | None:
+    """``backup = theta; theta += scale * d`` in one launch (plus one for the row norms).
+
+    Seed mode returns fp32 row norms (``[rows]`` per param), computed from the clean weights
+    by a deterministic fp64 block reduction, or the given ``row_norms`` as fp32.
+    """
+    op = "perturb_"
+    for name, xs in (("params", params), ("backup", backup), ("anchor", anchor), ("direction", direction)):
+        if xs is not None:
+            require_cuda(op, name, xs)
+    if not params:
+        return [] if seed is not None else None
+    if has_fp64(params, backup, anchor, direction):
+        return reference(op)(
+            params, scale, backup=backup, anchor=anchor, direction=direction, seed=seed, row_norms=row_norms
+        )
+    dev = params[0].device
+    with on_device(dev):
+        s = scalar(scale, dev)
+        stream = stream_of(dev)
+        if seed is None:
+            src = anchor if anchor is not None else direction
+            t = build_table(op, [params, backup, src], dev)
+            _C.perturb_dir(t.ptr, t.n_rows, t.n_chunks, s.value, s.ptr, 0 if anchor is not None else 1, stream)
+            return None
+        rows = [_rows(p) for p in params]
+        lengths = [p.numel() // r if r else 0 for p, r in zip(params, rows)]
+        if row_norms is None:
+            # Empty tensors get no table row, so their (zero) norms are written here.
+            norms = [
+                _launch.alloc(r, torch.float32, dev) if p.numel() else torch.zeros(r, dtype=torch.float32, device=dev)
+                for p, r in zip(params, rows)
+            ]
+            rt = build_table(op, [params, norms], dev, units=rows, aux=lengths)
+            _C.row_norms(rt.ptr, rt.n_rows, rt.n_chunks, stream)
+        else:
+            norms = [r.reshape(-1).to(device=dev, dtype=torch.float32).contiguous() for r in row_norms]
+        t = build_table(op, [params, backup, norms], dev, aux=lengths)
+        _C.perturb_noise(t.ptr, t.n_rows, t.n_chunks, s.value, s.ptr, int(seed), stream)
+        return norms
