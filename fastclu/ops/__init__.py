@@ -6,8 +6,9 @@ kernel backends). Each op validates its inputs here, before any backend touches 
 so a bad call raises ``TypeError``/``ValueError`` naming the argument and modifies nothing.
 The reference backend (pure PyTorch) defines the semantics; the others must match it.
 
-Float math is done in fp32 for fp16/bf16 tensors (fp64 stays fp64 on the reference);
-optimizer state is expected in fp32. Masks are bit-packed (see :mod:`fastclu.ops.bits`).
+Float math is done in fp32 for fp16/bf16 tensors. An op whose main tensor list holds fp64
+tensors runs on the reference backend whatever backend was asked for (the kernels compute in
+fp32; the reference keeps fp64 math). Optimizer state is expected in fp32. Masks are bit-packed (see :mod:`fastclu.ops.bits`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def _run(op: str, backend: str | None, tensors: Sequence[Tensor], *args: object,
     step does not graph-break. The reference backend is plain PyTorch and is traced as such.
     """
     name = choose(op, backend, device_type(tensors))
+    if name != "reference" and any(t.dtype == torch.float64 for t in tensors):
+        # The kernels compute in fp32: fp64 lists get the reference's fp64 math, not a silent
+        # downgrade (the reference runs on any device, CUDA included).
+        name = "reference"
     if name != "reference" and torch.compiler.is_compiling():
         from fastclu.ops import library
 
