@@ -64,9 +64,11 @@ def test_attack_features_match_float64_formulas() -> None:
 
 
 def _brute_threshold(m: np.ndarray, n: np.ndarray) -> float:
-    # Best balanced accuracy of "loss <= tau means member" over every observed cut, by brute force.
+    # Best balanced accuracy of "loss <= tau means member" by brute force over every observed cut
+    # and, first, a cut below every loss (all called non-members: score 0.5), which the lowest-cut
+    # tie rule makes the answer whenever no observed cut beats chance.
     best, best_tau = -1.0, None
-    for tau in sorted(set(m.tolist()) | set(n.tolist())):
+    for tau in [-math.inf, *sorted(set(m.tolist()) | set(n.tolist()))]:
         score = 0.5 * (np.mean(m <= tau) + np.mean(n > tau))
         if score > best + 1e-15:
             best, best_tau = score, tau
@@ -89,7 +91,9 @@ def test_mia_efficacy_separates_forgotten_from_remembered() -> None:
     # one where the forget set is fit like the remain set must not.
     torch.manual_seed(int(torch.randint(1 << 30, (1,))))
     model = nn.Linear(5, 4)
-    remain, test = _subset(80), _subset(80)
+    # Members (remain) are fit: their label is the model's prediction; non-members are not.
+    xr = torch.randn(80, 5)
+    remain, test = Subset(xr, model(xr).detach().argmax(1), torch.arange(80)), _subset(80)
     x = torch.randn(30, 5)
     logits = model(x).detach()
     forgot = Subset(x, logits.argmin(1), torch.arange(30))
@@ -100,7 +104,7 @@ def test_mia_efficacy_separates_forgotten_from_remembered() -> None:
     feats = [M.attack_features(model, s)[:, 0] for s in (remain, test, forgot)]
     _, cut = _brute_threshold(feats[0], feats[1])
     above = [v for v in np.concatenate(feats[:2]) if v > cut]
-    tau = 0.5 * (cut + min(above)) if above else cut + 1.0
+    tau = cut if cut == -math.inf else 0.5 * (cut + min(above)) if above else cut + 1.0
     assert hi == pytest.approx(100.0 * np.mean(feats[2] > tau), abs=1e-9)
     assert hi > lo
 
