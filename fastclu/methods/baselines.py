@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastclu.methods.common import MethodResult, Timer, cosine, cycle, sgd, task_loss, train, use_backend
+from fastclu.methods.common import MethodResult, Timer, task_loss, train, use_backend
 
 __all__ = ["finetune", "gradient_ascent", "joint", "naive_sequential", "retrain"]
 
@@ -33,11 +33,7 @@ def retrain(
 
     ``steps`` SGD steps with a cosine learning-rate schedule.
     """
-    _check_steps("steps", steps)
-    dev = next(model.parameters()).device
-    with use_backend(backend), Timer(dev) as tm:
-        n = train(model, remain_loader, steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return MethodResult("retrain", tm.elapsed, n)
+    return _timed_train("retrain", model, remain_loader, steps, lr, momentum, weight_decay, backend)
 
 
 def finetune(
@@ -51,11 +47,7 @@ def finetune(
     backend: str | None = None,
 ) -> MethodResult:
     """FT: keep training the original model on the remain set, hoping the forget set fades."""
-    _check_steps("steps", steps)
-    dev = next(model.parameters()).device
-    with use_backend(backend), Timer(dev) as tm:
-        n = train(model, remain_loader, steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return MethodResult("FT", tm.elapsed, n)
+    return _timed_train("FT", model, remain_loader, steps, lr, momentum, weight_decay, backend)
 
 
 def gradient_ascent(
@@ -69,21 +61,7 @@ def gradient_ascent(
     backend: str | None = None,
 ) -> MethodResult:
     """GA: ascend the cross-entropy on the forget set (no remain data), cosine learning rate."""
-    _check_steps("steps", steps)
-    dev = next(model.parameters()).device
-    with use_backend(backend), Timer(dev) as tm:
-        opt = sgd(model, lr, momentum, weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: cosine(t, steps))
-        model.train()
-        it = cycle(forget_loader)
-        for _ in range(steps):
-            x, y = next(it)
-            x, y = x.to(dev), y.to(dev)
-            opt.zero_grad(set_to_none=True)
-            (-F.cross_entropy(model(x), y)).backward()
-            opt.step()
-            sched.step()
-    return MethodResult("GA", tm.elapsed, steps)
+    return _timed_train("GA", model, forget_loader, steps, lr, momentum, weight_decay, backend, _ascent_loss)
 
 
 def naive_sequential(
@@ -133,8 +111,20 @@ def joint(
     backend: str | None = None,
 ) -> MethodResult:
     """Joint training on the union of all tasks at once: the continual-learning upper bound."""
+    return _timed_train("joint", model, all_loader, steps, lr, momentum, weight_decay, backend)
+
+
+def _ascent_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(logits, y)
+
+
+def _timed_train(
+    name: str, model: nn.Module, loader: Iterable, steps: int, lr: float, momentum: float, weight_decay: float,
+    backend: str | None, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> MethodResult:  # fmt: skip
+    """``steps`` cosine-scheduled SGD steps of ``loss_fn`` on ``loader``, timed, on ``backend``."""
     _check_steps("steps", steps)
     dev = next(model.parameters()).device
     with use_backend(backend), Timer(dev) as tm:
-        n = train(model, all_loader, steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return MethodResult("joint", tm.elapsed, n)
+        n = train(model, loader, steps, lr=lr, momentum=momentum, weight_decay=weight_decay, loss_fn=loss_fn)
+    return MethodResult(name, tm.elapsed, n)
