@@ -251,14 +251,12 @@ def _run_demo(s: Settings, seed: int, quick: bool, dev: torch.device, backend: s
 
 def _backend_name(dev: torch.device) -> str:
     """Which backend the automatic / FASTCLU_BACKEND choice resolves to for the fused step."""
-    from fastclu._registry import resolve
+    from fastclu._registry import choose
 
     try:
-        fn = resolve("combine_step_", None, [torch.empty(0, device=dev)])
+        return choose("combine_step_", None, dev.type)
     except (RuntimeError, NotImplementedError, ValueError) as e:
         return f"unavailable ({e})"
-    parts = fn.__module__.split(".")
-    return parts[2] if len(parts) > 2 and parts[:2] == ["fastclu", "ops"] else fn.__module__
 
 
 def _fmt(v: object) -> str:
