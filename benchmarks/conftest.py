@@ -25,7 +25,9 @@ CPU_SIZES = "10"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("fastclu bench")
-    g.addoption("--bench-sizes", default=None, help=f"log2 sizes / model names (GPU default {GPU_SIZES}; CPU {CPU_SIZES})")
+    g.addoption(
+        "--bench-sizes", default=None, help=f"log2 sizes / model names (GPU default {GPU_SIZES}; CPU {CPU_SIZES})"
+    )
     g.addoption("--bench-dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     g.addoption("--bench-ops", default=None, help="comma list of cases or op names (default all)")
     g.addoption("--bench-peers", default=None, help="comma list of peers (default all; on CPU all but compile)")

@@ -49,18 +49,24 @@ def render(doc: dict[str, Any]) -> str:
     out = [f"### {meta['device']} — {meta['date'][:10]}", ""]
     if meta.get("gpu_skipped"):
         out += [
-            ("> **No CUDA device in this run: the GPU part was skipped.** These are CPU timings of the "
-            "reference backend and the peers on tiny sizes, recorded to check the harness. "
-            "They are not performance results."),
+            (
+                "> **No CUDA device in this run: the GPU part was skipped.** These are CPU timings of the "
+                "reference backend and the peers on tiny sizes, recorded to check the harness. "
+                "They are not performance results."
+            ),
             "",
         ]
     out += [
         f"- command: `{meta['command']}`",
-        (f"- torch {meta['torch']}, triton {meta.get('triton') or '-'}, CUDA {meta.get('cuda') or '-'}, "
-        f"Python {meta.get('python', '-')}"),
-        (f"- timing: median of {meta.get('repeats')} calls after {meta.get('warmup')} warm-up calls; "
-        "GB/s = DESIGN §3 floor bytes / time (same bytes for every implementation of a case, so GB/s "
-        "ratios are speed-ups); % copy = against a device-to-device copy of the same bytes in the same run"),
+        (
+            f"- torch {meta['torch']}, triton {meta.get('triton') or '-'}, CUDA {meta.get('cuda') or '-'}, "
+            f"Python {meta.get('python', '-')}"
+        ),
+        (
+            f"- timing: median of {meta.get('repeats')} calls after {meta.get('warmup')} warm-up calls; "
+            "GB/s = DESIGN §3 floor bytes / time (same bytes for every implementation of a case, so GB/s "
+            "ratios are speed-ups); % copy = against a device-to-device copy of the same bytes in the same run"
+        ),
         "",
     ]
     results = doc["results"]
@@ -108,7 +114,9 @@ def render(doc: dict[str, Any]) -> str:
         out += [f"DESIGN §5 bandwidth targets: {len(tg) - len(missed)} met, **{len(missed)} missed**.", ""]
         for t in missed:
             pct = "-" if t["pct_copy"] is None else f"{t['pct_copy']:.0f}%"
-            out.append(f"- MISS `{t['case']}` {t['impl']} {t['dtype']} {t['size']}: {pct} of copy (< {t['target_pct']:g}%)")
+            out.append(
+                f"- MISS `{t['case']}` {t['impl']} {t['dtype']} {t['size']}: {pct} of copy (< {t['target_pct']:g}%)"
+            )
         out.append("")
     elif not meta.get("gpu_skipped"):
         out += ["No fused-backend result at 2^26+ elements or on a model list: DESIGN §5 targets not checked.", ""]

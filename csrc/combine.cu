@@ -246,8 +246,8 @@ void combine_step(uint64_t table, int n_rows, int64_t n_chunks, const CombineCon
   a.step = cfg.step;
   a.steps = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.steps_ptr));
   const int grid = grid_for(op, n_chunks);
-  if (cfg.adamw) combine_kernel<true><<<grid, kThreads, 0, as_stream(stream)>>>(t, CombineOp<true>{a});
-  else combine_kernel<false><<<grid, kThreads, 0, as_stream(stream)>>>(t, CombineOp<false>{a});
+  if (cfg.adamw) FASTCLU_LAUNCH(combine_kernel<true>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<true>{a});
+  else FASTCLU_LAUNCH(combine_kernel<false>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<false>{a});
   check_launch(op);
 }
 

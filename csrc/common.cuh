@@ -17,6 +17,12 @@
 #include <stdexcept>
 #include <string>
 
+// Every kernel launch goes through this macro, so that the same sources can also be compiled for
+// the CPU execution mode of the test suite (FASTCLU_CPU), where g++ cannot parse <<<...>>>.
+#ifndef FASTCLU_LAUNCH
+#define FASTCLU_LAUNCH(kernel, ...) kernel<<<__VA_ARGS__>>>
+#endif
+
 namespace fastclu {
 
 constexpr int kThreads = 256;
@@ -276,7 +282,7 @@ inline Table make_table(const char* op, uint64_t rows, int n_rows, int n_ops, in
 template <class Op>
 void launch_mt(const char* op_name, const Table& t, const Op& op, uint64_t stream) {
   if (t.n_chunks <= 0) return;
-  mt_kernel<Op><<<grid_for(op_name, t.n_chunks), kThreads, 0, reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream))>>>(t, op);
+  FASTCLU_LAUNCH(mt_kernel<Op>, grid_for(op_name, t.n_chunks), kThreads, 0, reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream)))(t, op);
   check_launch(op_name);
 }
 

@@ -109,7 +109,7 @@ void row_norms(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream) {
   const char* op = "perturb_ (row norms)";
   const Table t = make_table(op, table, n_rows, 2, n_chunks);
   if (n_chunks <= 0) return;
-  row_norms_kernel<<<grid_for(op, n_chunks), kThreads, 0, as_stream(stream)>>>(t);
+  FASTCLU_LAUNCH(row_norms_kernel, grid_for(op, n_chunks), kThreads, 0, as_stream(stream))(t);
   check_launch(op);
 }
 

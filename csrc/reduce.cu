@@ -113,10 +113,10 @@ void reduce(const char* op_name, const Table& t, const Op& op, uint64_t partial,
   double* part = reinterpret_cast<double*>(static_cast<uintptr_t>(partial));
   if (t.n_chunks > 0) {
     if (part == nullptr) fail(op_name, "null partial buffer");
-    partial_kernel<Op><<<grid_for(op_name, t.n_chunks), kThreads, 0, as_stream(stream)>>>(t, op, part);
+    FASTCLU_LAUNCH(partial_kernel<Op>, grid_for(op_name, t.n_chunks), kThreads, 0, as_stream(stream))(t, op, part);
     check_launch(op_name);
   }
-  fold_kernel<<<1, kThreads, 0, as_stream(stream)>>>(part, t.n_chunks > 0 ? t.n_chunks : 0, Op::P, n_roles,
+  FASTCLU_LAUNCH(fold_kernel, 1, kThreads, 0, as_stream(stream))(part, t.n_chunks > 0 ? t.n_chunks : 0, Op::P, n_roles,
                                                      reinterpret_cast<float*>(static_cast<uintptr_t>(out)));
   check_launch(op_name);
 }

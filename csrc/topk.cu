@@ -213,19 +213,19 @@ void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t
   int64_t* eqc = reinterpret_cast<int64_t*>(static_cast<uintptr_t>(eqcount));
   const cudaStream_t s = as_stream(stream);
   const int grid = grid_for(op, n_chunks);
-  init_kernel<<<1, 256, 0, s>>>(st, k);
+  FASTCLU_LAUNCH(init_kernel, 1, 256, 0, s)(st, k);
   check_launch(op);
   for (int shift = 24; shift >= 0; shift -= 8) {
-    hist_kernel<<<grid, kThreads, 0, s>>>(t, st, shift);
+    FASTCLU_LAUNCH(hist_kernel, grid, kThreads, 0, s)(t, st, shift);
     check_launch(op);
-    select_kernel<<<1, 256, 0, s>>>(st, shift);
+    FASTCLU_LAUNCH(select_kernel, 1, 256, 0, s)(st, shift);
     check_launch(op);
   }
-  count_eq_kernel<<<grid, kThreads, 0, s>>>(t, st, eqc);
+  FASTCLU_LAUNCH(count_eq_kernel, grid, kThreads, 0, s)(t, st, eqc);
   check_launch(op);
-  scan_kernel<<<1, 1024, 0, s>>>(eqc, n_chunks);
+  FASTCLU_LAUNCH(scan_kernel, 1, 1024, 0, s)(eqc, n_chunks);
   check_launch(op);
-  write_kernel<<<grid, kThreads, 0, s>>>(t, st, eqc);
+  FASTCLU_LAUNCH(write_kernel, grid, kThreads, 0, s)(t, st, eqc);
   check_launch(op);
 }
 

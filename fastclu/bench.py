@@ -170,7 +170,7 @@ def split_shapes(numel: int, parts: int = 4) -> list[tuple[int, ...]]:
     Unequal sizes so multi-tensor tables are exercised; 2-d so per-row ops see rows.
     """
     sizes, left = [], numel
-    for i in range(parts - 1):
+    for _i in range(parts - 1):
         s = max(left // 2, 1) if left > 1 else 0
         if s == 0:
             break
@@ -192,7 +192,9 @@ Data = dict[str, Any]
 Step = Callable[[], object]
 
 
-def _randn(shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device, scale: float = 1.0) -> list[Tensor]:
+def _randn(
+    shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device, scale: float = 1.0
+) -> list[Tensor]:
     return [torch.randn(tuple(s), dtype=torch.float32, device=device).mul_(scale).to(dtype) for s in shapes]
 
 
@@ -756,9 +758,7 @@ def _usable_backends(requested: Sequence[str], device: torch.device) -> tuple[li
     return use, skipped
 
 
-def _measure(
-    impl: str, kind: str, build: Callable[[], Step], cfg: Config, row: dict[str, Any]
-) -> dict[str, Any]:
+def _measure(impl: str, kind: str, build: Callable[[], Step], cfg: Config, row: dict[str, Any]) -> dict[str, Any]:
     r = dict(row, impl=impl, kind=kind, time_s=None, time_min_s=None, gbps=None, peak_extra_bytes=None, error=None)
     try:
         fn = build()
@@ -791,7 +791,12 @@ def run_ops(cfg: Config, log: Callable[[str], None] = print) -> list[dict[str, A
 
 
 def _run_point(
-    case: Case, dtype: torch.dtype, dname: str, size: str, cfg: Config, use_backends: list[str],
+    case: Case,
+    dtype: torch.dtype,
+    dname: str,
+    size: str,
+    cfg: Config,
+    use_backends: list[str],
     copy_cache: dict[int, dict[str, Any]],
 ) -> list[dict[str, Any]]:
     shapes = size_shapes(size)
@@ -806,7 +811,9 @@ def _run_point(
         copy_cache[nbytes] = _measure("copy", "roofline", lambda: copy_step(nbytes, cfg.device), cfg, base)
     rows = [dict(copy_cache[nbytes], **base)]
     for b in use_backends:
-        rows.append(_measure(b, "fastclu", lambda b=b: case.fastclu(case.make(shapes, dtype, cfg.device), b), cfg, base))
+        rows.append(
+            _measure(b, "fastclu", lambda b=b: case.fastclu(case.make(shapes, dtype, cfg.device), b), cfg, base)
+        )
     for peer, make_peer in case.peers.items():
         if peer in cfg.peers:
             rows.append(_measure(peer, "peer", lambda m=make_peer: m(case.make(shapes, dtype, cfg.device)), cfg, base))
@@ -1045,8 +1052,12 @@ def e2e_pm(cfg: Config, backends: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _e2e_row(
-    name: str, impl: str, build: Callable[[], tuple[Any, Step, list[Tensor]]], fwd_bwd: Callable | None,
-    cfg: Config, label: str,
+    name: str,
+    impl: str,
+    build: Callable[[], tuple[Any, Step, list[Tensor]]],
+    fwd_bwd: Callable | None,
+    cfg: Config,
+    label: str,
 ) -> dict[str, Any]:
     r: dict[str, Any] = {"name": name, "impl": impl, "model": label, "iteration_s": None, "optimizer_s": None,
                          "peak_extra_bytes": None, "error": None}  # fmt: skip
@@ -1260,7 +1271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
-        device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = (
+            torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         on_gpu = device.type == "cuda"
         quick = args.quick or not on_gpu
         cases = _select_cases(args.ops)

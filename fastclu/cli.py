@@ -1,7 +1,7 @@
 """Command line: ``fastclu info | demo | bench`` (also ``python -m fastclu ...``).
 
 ``info`` reports versions, devices and which op backends are usable here (and why not).
-``demo`` and ``bench`` hand their arguments, untouched, to ``fastclu.methods.demo.main`` and
+``demo`` and ``bench`` hand their arguments, untouched, to ``fastclu.demo.main`` and
 ``fastclu.bench.main``; those are imported only when asked for, so ``info`` works without them.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 # Subcommands implemented elsewhere: name -> (module, help text).
 _DELEGATED = {
-    "demo": ("fastclu.methods.demo", "run the unlearning / continual-learning demo on bundled data"),
+    "demo": ("fastclu.demo", "run the unlearning / continual-learning demo on bundled data"),
     "bench": ("fastclu.bench", "benchmark the fused ops against their PyTorch formulations"),
 }
 _ENV_VARS = ("FASTCLU_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")

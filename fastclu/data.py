@@ -54,7 +54,9 @@ class Subset:
 
     @staticmethod
     def cat(parts: list[Subset]) -> Subset:
-        return Subset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.ids for p in parts]))
+        return Subset(
+            torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.ids for p in parts])
+        )
 
 
 @dataclass
@@ -228,7 +230,9 @@ def clu_stream(seed: int = 0, unlearn_class: int = 3, random_frac: float = 0.1) 
             names = owner[c]
             for j, chunk in enumerate(torch.tensor_split(idx, len(names))):
                 parts[names[j]].append(chunk)
-        return {k: s.take(torch.cat(v)[torch.randperm(sum(t.numel() for t in v), generator=g)]) for k, v in parts.items()}
+        return {
+            k: s.take(torch.cat(v)[torch.randperm(sum(t.numel() for t in v), generator=g)]) for k, v in parts.items()
+        }
 
     tr, te = assign(train), assign(test)
     reqs = [Request("learn", "learn A{0-3}", tr["A"], te["A"]), Request("learn", "learn B{3-6}", tr["B"], te["B"])]

@@ -98,7 +98,9 @@ def loss_threshold(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> f
         raise ValueError("loss_threshold needs non-empty member and non-member losses")
     cuts = np.unique(np.concatenate([m, n]))
     # Candidate tau = each distinct loss, plus one below everything (all called non-members).
-    score = 0.5 * (np.searchsorted(m, cuts, side="right") / m.size + 1.0 - np.searchsorted(n, cuts, side="right") / n.size)
+    score = 0.5 * (
+        np.searchsorted(m, cuts, side="right") / m.size + 1.0 - np.searchsorted(n, cuts, side="right") / n.size
+    )
     below = 0.5
     best = int(np.argmax(score))
     if score[best] <= below:

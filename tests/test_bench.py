@@ -342,7 +342,6 @@ def test_e2e_sfr_on_sides_make_the_same_step() -> None:
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
 
 
-
 def test_e2e_pm_sides_make_the_same_step() -> None:
     shapes = bench.gpt2_shapes(vocab=50, ctx=8, dim=16, depth=1)
     mine, theirs = _twin_params(shapes)

@@ -67,7 +67,7 @@ def test_info_reports_environment(capsys: pytest.CaptureFixture[str], monkeypatc
     assert "FASTCLU_BACKEND=reference" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command, module", [("demo", "fastclu.methods.demo"), ("bench", "fastclu.bench")])
+@pytest.mark.parametrize("command, module", [("demo", "fastclu.demo"), ("bench", "fastclu.bench")])
 @pytest.mark.parametrize("returned, code", [(None, 0), (0, 0), (3, 3)])
 def test_subcommand_gets_argv_untouched(
     monkeypatch: pytest.MonkeyPatch, command: str, module: str, returned: int | None, code: int
@@ -87,7 +87,7 @@ def test_subcommand_gets_argv_untouched(
     assert seen == [args]
 
 
-@pytest.mark.parametrize("command, module", [("demo", "fastclu.methods.demo"), ("bench", "fastclu.bench")])
+@pytest.mark.parametrize("command, module", [("demo", "fastclu.demo"), ("bench", "fastclu.bench")])
 def test_missing_subcommand_module_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str, module: str
 ) -> None:

@@ -317,7 +317,7 @@ def test_wrappers_pass_operands_in_kernel_order(recorder: _Recorder) -> None:
     assert _same(dirs[0][1][1], s) and _same(dirs[0][1][2], q) and dirs[0][0][5] == 0
     assert dirs[1][1][1] is None and _same(dirs[1][1][2], r) and dirs[1][0][5] == 1
     # tables: one row per non-empty tensor, chunk counts consistent with the launch
-    for _, operands, (rows, n_rows, n_chunks) in recorder.tables:
+    for _, operands, (rows, n_rows, _n_chunks) in recorder.tables:
         assert n_rows == sum(1 for x in operands[0] if x.numel())
         assert len(rows) == n_rows * (5 + len(operands))
 

@@ -91,5 +91,5 @@ def test_merge_rejects_misaligned_lists() -> None:
     with pytest.raises(ValueError, match="anchor"):
         merge_task_(theta, anchor[:-1], s_f, s_ft)
     with pytest.raises(ValueError, match="fisher_sum"):
-        merge_task_(theta, anchor, [torch.rand(2)] + s_f[1:], s_ft)
+        merge_task_(theta, anchor, [torch.rand(2), *s_f[1:]], s_ft)
     assert all(torch.equal(p, b) for p, b in zip(theta, before))

@@ -239,7 +239,7 @@ def test_extensions_without_sources(S: ModuleType, tmp_path: Path) -> None:
     root = _tree(tmp_path, ["only_header.cuh"])
     env = {"CUDA_HOME": str(nvcc.parents[1]), "PATH": str(tmp_path / "nothing")}
     assert S.extensions(env, root) == []
-    with pytest.raises(S.BuildConfigError, match="no .cu/.cpp sources"):
+    with pytest.raises(S.BuildConfigError, match=r"no \.cu/\.cpp sources"):
         S.extensions({**env, "FASTCLU_BUILD_CUDA": "1"}, root)
 
 
@@ -255,7 +255,7 @@ def test_build_ninja_is_valid_and_complete(S: ModuleType, tmp_path: Path) -> Non
         s.parent.mkdir(parents=True, exist_ok=True)
         s.write_text("// test\n")
     out = d / "lib" / "_C.so"
-    cflags = ["-O3", "-DNAME=\"x y\"", *S.gencode_flags(["80", "90"])]
+    cflags = ["-O3", '-DNAME="x y"', *S.gencode_flags(["80", "90"])]
     S.write_build_ninja(d / "build.ninja", "/opt/cuda x/bin/nvcc", srcs, d / "obj", out, cflags, S.LINK_FLAGS)
     res = subprocess.run(
         [ninja, "-C", str(d), "-f", "build.ninja", "-n", "-v"], check=False, capture_output=True, text=True, timeout=60

@@ -91,7 +91,9 @@ def test_hvp_restores_weights_bit_exactly(dtype: torch.dtype) -> None:
     for sign, ws in zip((1.0, -1.0), seen):
         for w, b, d in zip(ws, before, v):
             want = (b.double() + sign * eps * d.double()).to(dtype)
-            torch.testing.assert_close(w, want, rtol=0, atol=float(torch.finfo(dtype).eps) * 4 * float(want.abs().max()))
+            torch.testing.assert_close(
+                w, want, rtol=0, atol=float(torch.finfo(dtype).eps) * 4 * float(want.abs().max())
+            )
     want_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     assert all(o.dtype == want_dtype and torch.isfinite(o).all() for o in out)
 
@@ -119,10 +121,10 @@ def test_hvp_zero_direction_and_unused_param() -> None:
     params = _mlp(torch.float64)
     unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
     loss_at = _loss_factory(params)
-    out = hvp(params + [unused], lambda: loss_at(params), [torch.zeros_like(p) for p in params + [unused]])
+    out = hvp([*params, unused], lambda: loss_at(params), [torch.zeros_like(p) for p in [*params, unused]])
     assert all(torch.equal(o, torch.zeros_like(o)) for o in out)
-    v = [torch.randn_like(p) for p in params + [unused]]
-    out = hvp(params + [unused], lambda: loss_at(params), v)
+    v = [torch.randn_like(p) for p in [*params, unused]]
+    out = hvp([*params, unused], lambda: loss_at(params), v)
     assert torch.equal(out[-1], torch.zeros_like(unused))
     assert _rel_err(out[:-1], _autograd_hvp(params, loss_at, v[:-1])) < 1e-6
 

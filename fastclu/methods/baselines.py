@@ -92,8 +92,9 @@ def naive_sequential(
         for i, ld in enumerate(task_loaders):
             with Timer(dev) as tm:
                 loss_fn = task_loss(None if task_classes is None else task_classes[i])
-                n += train(model, ld, steps_per_task, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           loss_fn=loss_fn)
+                n += train(
+                    model, ld, steps_per_task, lr=lr, momentum=momentum, weight_decay=weight_decay, loss_fn=loss_fn
+                )
             wall += tm.elapsed
             if after_task is not None:
                 after_task(i, model)

@@ -85,7 +85,9 @@ def ug_clu(
             entry: dict = {"name": req.name, "kind": req.kind}
             with Timer(dev) as tm:
                 data_ld = loader(req.data, batch_size, seed=seed + i)
-                rep_ld = loader(replay, batch_size, seed=seed + 1000 + i) if replay is not None and len(replay) else None
+                rep_ld = (
+                    loader(replay, batch_size, seed=seed + 1000 + i) if replay is not None and len(replay) else None
+                )
                 if req.kind == "learn":
                     n = _learn(model, data_ld, rep_ld, learn_steps, learn_lr, momentum, weight_decay, dev)
                     new = _replay_sample(req.data, replay_per_class, g)

@@ -270,7 +270,7 @@ def combine_step_(
         else:
             C.aligned(f"state[{key!r}]", state[key], "params", params)
     for name, v in (("weight_decay", weight_decay), ("momentum", momentum), ("dampening", dampening), ("eps", eps)):
-        if not 0.0 <= float(v):
+        if not float(v) >= 0.0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     if rule == "sgd" and nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov needs momentum > 0 and dampening == 0")
@@ -356,8 +356,17 @@ def perturb_(
                     raise ValueError(f"row_norms[{i}] is on {r.device} but params[{i}] is on {p.device}")
     elif row_norms is not None:
         raise ValueError("row_norms is only used with seed=")
-    return _run("perturb_", backend, params,
-        params, scale, backup=backup, anchor=anchor, direction=direction, seed=seed, row_norms=row_norms
+    return _run(
+        "perturb_",
+        backend,
+        params,
+        params,
+        scale,
+        backup=backup,
+        anchor=anchor,
+        direction=direction,
+        seed=seed,
+        row_norms=row_norms,
     )
 
 

@@ -25,8 +25,7 @@ def tensor_list(name: str, xs: object, *, floating: bool = True) -> list[Tensor]
             raise TypeError(f"{name}[{i}] must be a dense (strided) tensor, got layout {x.layout}")
         if floating and x.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"{name}[{i}] must be a floating-point tensor (float32/float16/bfloat16/float64), "
-                f"got {x.dtype}"
+                f"{name}[{i}] must be a floating-point tensor (float32/float16/bfloat16/float64), got {x.dtype}"
             )
         if not x.is_contiguous():
             raise ValueError(f"{name}[{i}] must be contiguous (call .contiguous() first)")

@@ -253,4 +253,3 @@ class RandomPerturb(OptimizerWrapper):
                 g.setdefault("rho", rho)
 
         return apply
-

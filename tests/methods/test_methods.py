@@ -158,8 +158,9 @@ def test_perturb_and_merge_reports_alphas() -> None:
         perturb_and_merge(C.make_mlp(), [_batches(tasks[0].train)], task_classes=[(0, 1), (2, 3)])
 
 
-def _pnm_replica_fp64(model: torch.nn.Module, tasks: list, classes: list, steps: int, n_fisher: int,
-                      head: bool, normalize: bool) -> tuple[list, list, list]:
+def _pnm_replica_fp64(
+    model: torch.nn.Module, tasks: list, classes: list, steps: int, n_fisher: int, head: bool, normalize: bool
+) -> tuple[list, list, list]:
     """P&M written out directly: plain SGD per task (no perturbation), per-example Fisher in fp64 at the
     trained weights, the paper's closed-form alpha over every task so far, merge of the non-head weights."""
     ps = list(model.parameters())
@@ -185,7 +186,7 @@ def _pnm_replica_fp64(model: torch.nn.Module, tasks: list, classes: list, steps:
             m64.zero_grad()
             loss_fn(m64(x[None]), y[None]).backward()
             for fi, i in zip(f, merged_idx):
-                fi += p64[i].grad**2 / n_fisher
+                fi += p64[i].grad ** 2 / n_fisher
         tr = sum(float(fi.sum()) for fi in f)
         traces.append(tr)
         fishers.append([fi / tr for fi in f] if normalize else f)

@@ -110,7 +110,7 @@ def test_checkpoint_resume_in_new_process_is_bit_identical(tmp_path):
         # one child process resumes both runs (a Python + torch start-up is the slow part)
         args = [a for job in jobs for a in job]
         subprocess.run([sys.executable, __file__, str(seed), *args], env=env, check=True, timeout=300)
-        for name, ckpt, out in jobs:
+        for name, _ckpt, out in jobs:
             got = torch.load(out, weights_only=True)
             model, opt = finals[name]
             for a, b in zip(model.parameters(), got["params"]):

@@ -132,7 +132,11 @@ def _drift(dtype: torch.dtype, cycles: int) -> tuple[float, float, float]:
         opt.remove_noise()
         opt.step_count += 1  # a new seed per cycle, without an update
     d = w.detach().double() - w0.double()
-    return float((d.abs() / unit).max()), float(d.pow(2).mean().sqrt() / unit.mean()), float(d.norm() / w0.double().norm())
+    return (
+        float((d.abs() / unit).max()),
+        float(d.pow(2).mean().sqrt() / unit.mean()),
+        float(d.norm() / w0.double().norm()),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

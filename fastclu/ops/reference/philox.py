@@ -52,7 +52,9 @@ def uint_to_uniform(x: Tensor) -> Tensor:
     return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
 
 
-def philox_words(seed: int, tensor_index: int, start: int, count: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def philox_words(
+    seed: int, tensor_index: int, start: int, count: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Raw Philox words for elements ``start .. start+count-1`` of tensor ``tensor_index``."""
     j = torch.arange(start, start + count, dtype=torch.int64, device=device)
     c0, c1 = j & _M32, j >> 32
@@ -60,7 +62,9 @@ def philox_words(seed: int, tensor_index: int, start: int, count: int, device: t
     return philox4x32(seed, c0, c1, c2, torch.zeros_like(j))
 
 
-def philox_normal(seed: int, tensor_index: int, numel: int, device: torch.device | str = "cpu", start: int = 0) -> Tensor:
+def philox_normal(
+    seed: int, tensor_index: int, numel: int, device: torch.device | str = "cpu", start: int = 0
+) -> Tensor:
     """fp32 standard normals for elements ``start .. start+numel-1`` of tensor ``tensor_index``."""
     w0, w1, _, _ = philox_words(seed, tensor_index, start, numel, device)
     u1 = torch.clamp(uint_to_uniform(w0), min=1.0e-7)

@@ -29,7 +29,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 4096 if INTERPRET else 1024
 
 
-
 def helper(fn):
     """``triton.jit`` for device helpers; under the interpreter a plain function.
 
@@ -245,7 +244,7 @@ def _build(operands, sig, chunk: int, rows: bool, dev: torch.device) -> list[Gro
             at.append(len(flat))
             flat += seg + [0] * (len(seg) % 2)
         dv = torch.tensor(flat, dtype=torch.int64).to(dev)
-        sl = [dv[a:a + len(seg)] for a, seg in zip(at, segments)]
+        sl = [dv[a : a + len(seg)] for a, seg in zip(at, segments)]
         out.append(
             Group(
                 dtypes=s, members=tuple(members), n_tensors=nt, n_blocks=nb, n_full=len(full), align=align,
@@ -297,10 +296,7 @@ def block_info(blk_tensor, blk_start, numel, pid, BLOCK: tl.constexpr, EVEN: tl.
     t = tl.load(blk_tensor + pid)
     start = tl.multiple_of(tl.load(blk_start + pid), BLOCK)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    if EVEN:
-        m = tl.full([BLOCK], 1, tl.int1)
-    else:
-        m = offs < tl.load(numel + t)
+    m = tl.full([BLOCK], 1, tl.int1) if EVEN else offs < tl.load(numel + t)
     return t, offs, m
 
 

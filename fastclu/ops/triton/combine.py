@@ -179,10 +179,7 @@ def _combine_kernel(
             else:
                 buf = tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32) * momentum + one_minus_damp * g
             tl.store(b0p + offs, buf.to(DB0), mask=go)
-            if NESTEROV:
-                g = g + momentum * buf
-            else:
-                g = buf
+            g = g + momentum * buf if NESTEROV else buf
         theta = theta + (-lr32) * g
 
     new = tl.where(go, theta.to(DP), theta_old)
@@ -210,10 +207,7 @@ def _step_kernel(
         step = tl.where(fi == 0.0, step, old)
     tl.store(sp, step.to(DST), mask=ok)
     n = tl.maximum(step.to(tl.int64), 1)  # a skipped first step has no coefficients: avoid 1 / 0
-    if LR_T:
-        lr64 = tl.load(lr_ptr).to(tl.float32).to(tl.float64)
-    else:
-        lr64 = _f64(lr_hi, lr_lo)
+    lr64 = tl.load(lr_ptr).to(tl.float32).to(tl.float64) if LR_T else _f64(lr_hi, lr_lo)
     # as torch does in Python floats: 1 - beta ** step, lr / bc1, sqrt(bc2), then rounded to fp32
     bc1 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + _f64(b1_hi, b1_lo), n)
     bc2 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + _f64(b2_hi, b2_lo), n)

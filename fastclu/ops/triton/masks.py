@@ -41,10 +41,7 @@ def _fisher_kernel(
     fp = operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN)
     s = load_scalar(s_ptr, s_val, S_T)
     g = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DG, ALIGN) + offs, mask=m).to(tl.float32)
-    if POWER == 2:
-        v = g * g
-    else:
-        v = tl.abs(g)
+    v = g * g if POWER == 2 else tl.abs(g)
     f = tl.load(fp + offs, mask=m).to(tl.float32)
     tl.store(fp + offs, (f + s * v).to(DF), mask=m)
 
@@ -106,14 +103,8 @@ def _ratio_kernel(
     t = tl.load(blk_tensor + pid)
     n = tl.load(numel + t)
     bytes_, offs = _byte_offsets(tl.multiple_of(tl.load(blk_start + pid), BLOCK), BLOCK)
-    if EVEN:
-        m = tl.full([BLOCK // 8, 8], 1, tl.int1)
-    else:
-        m = offs < n
-    if G_T:
-        gamma = tl.load(g_ptr).to(CT)
-    else:
-        gamma = _f64(g_hi, g_mid, g_lo).to(CT)
+    m = tl.full([BLOCK // 8, 8], 1, tl.int1) if EVEN else offs < n
+    gamma = tl.load(g_ptr).to(CT) if G_T else _f64(g_hi, g_mid, g_lo).to(CT)
     eps = _f64(e_hi, e_mid, e_lo).to(CT)
     ff = tl.load(operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN) + offs, mask=m, other=0.0).to(CT)
     fr = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DR, ALIGN) + offs, mask=m, other=0.0).to(CT)
@@ -172,7 +163,6 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: float | Te
 # global flat order win, found from per-block tie counts and their exclusive prefix sum.
 
 
-
 @helper
 def _ukey(ptr, offs, m, WIDE: tl.constexpr):
     if WIDE:
@@ -206,7 +196,7 @@ def _topk_hist_kernel(
 ):  # fmt: skip
     t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
     k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m, WIDE)
-    if SHIFT < (56 if WIDE else 24):
+    if (56 if WIDE else 24) > SHIFT:
         prefix = _state_key(state, WIDE)
         m = m & ((k >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
     digit = ((k >> SHIFT) & 255).to(tl.int32)

@@ -98,7 +98,9 @@ def main() -> None:
         consts = {k: v for k, v in consts.items() if k != "_int_types"}
         rec = {"kernel": fn.__name__, "variant": variant, "ok": False, "error": None, "vector_accesses": 0}
         try:
-            k = triton.compile(ASTSource(fn=fn, signature=_sig(fn, consts, int_types), constexprs=consts), target=TARGET)
+            k = triton.compile(
+                ASTSource(fn=fn, signature=_sig(fn, consts, int_types), constexprs=consts), target=TARGET
+            )
             rec["ok"] = True
             rec["vector_accesses"] = len(re.findall(r"(?:ld|st)\.global[\w.:]*\.v[24]\.", k.asm["ptx"]))
         except Exception as e:  # noqa: BLE001 - report every failure, keep compiling the rest

@@ -76,7 +76,7 @@ def test_gram_masked(backend: str, masked, poison_alloc) -> None:  # noqa: F811
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gram_big_and_many(backend: str, poison_alloc) -> None:  # noqa: F811
     need(backend)
-    _check(backend, [BIG] + many_sizes(100), torch.float32, 2, use_mask=True, masked=[True, False])
+    _check(backend, [BIG, *many_sizes(100)], torch.float32, 2, use_mask=True, masked=[True, False])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -73,7 +73,7 @@ def _topk_check(backend: str, scores: list[torch.Tensor], k: int) -> None:
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_mask_matches_reference(backend: str, dtype: torch.dtype, ties: bool, poison_alloc) -> None:  # noqa: F811
     need(backend)
-    scores = _scores(SIZES + [300], dtype, ties)
+    scores = _scores([*SIZES, 300], dtype, ties)
     total = sum(s.numel() for s in scores)
     for k in (0, 1, int(torch.randint(2, total, ())), total):
         _topk_check(backend, scores, k)

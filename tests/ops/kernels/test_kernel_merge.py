@@ -72,7 +72,7 @@ def test_merge_stats_matches_reference(backend: str, dtype: torch.dtype, poison_
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_stats_big_and_many(backend: str, poison_alloc) -> None:  # noqa: F811
     need(backend)
-    _stats_case(backend, [BIG] + many_sizes(60), torch.float32)
+    _stats_case(backend, [BIG, *many_sizes(60)], torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -67,10 +67,10 @@ def test_perturb_noise_matches_reference(backend: str, dtype: torch.dtype, poiso
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_restore_bit_exact(backend: str, dtype: torch.dtype) -> None:
     need(backend)
-    backup = randn(SIZES + [33], dtype)
+    backup = randn([*SIZES, 33], dtype)
     backup[-1][3] = float("nan")
     backup[-1][4] = -0.0
-    params = randn(SIZES + [33], dtype)
+    params = randn([*SIZES, 33], dtype)
     restore_(params, backup, backend=backend)
     for p, b in zip(params, backup):
         assert torch.equal(p.view(torch.uint8) if p.numel() else p, b.view(torch.uint8) if b.numel() else b)

@@ -88,7 +88,7 @@ def test_topk_random(dtype):
 def test_topk_heavy_ties(dtype):
     # A handful of distinct values, both signs and signed zeros: ties decide most of the mask.
     values = torch.tensor([-2.0, -0.0, 0.0, 1.0, 3.0, float("inf"), -float("inf")])
-    scores = [values[torch.randint(0, len(values), s)].to(dtype) for s in SHAPES + [(300,), (11, 13)]]
+    scores = [values[torch.randint(0, len(values), s)].to(dtype) for s in [*SHAPES, (300,), (11, 13)]]
     total = sum(s.numel() for s in scores)
     ks = {0, total, int(torch.randint(0, total + 1, ()))}
     flat = torch.cat([s.double().flatten() for s in scores])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastclu.methods.demo import main, run_demo
+from fastclu.demo.digits import main, run_demo
 
 SFR_FORGET_TOL = 5.0  # points of forget accuracy from retrain
 SFR_KEEP_TOL = 3.0  # points of remain / test accuracy from retrain
@@ -48,7 +48,7 @@ def test_demo_writes_results_and_figure(demo: tuple[Path, dict], capsys: pytest.
 
 
 def test_demo_prints_tables(tmp_path: Path, capsys: pytest.CaptureFixture, demo: tuple[Path, dict]) -> None:
-    from fastclu.methods.demo import format_tables
+    from fastclu.demo.digits import format_tables
 
     text = format_tables(demo[1])
     for word in ("SFR-on", "retrain", "P&M", "naive", "joint", "UG-CLU", "avg gap", "MIA"):
@@ -71,6 +71,7 @@ def test_demo_bad_arguments_exit_2(argv: list[str], tmp_path: Path, capsys: pyte
 
 
 # ---------------------------------------------------------------- the properties
+
 
 def _sfron_near_retrain(res: dict, kind: str) -> None:
     rows = res["unlearning"][kind]["rows"]

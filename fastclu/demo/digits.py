@@ -101,7 +101,12 @@ def run_unlearning(kind: str, seed: int, s: Settings, device: torch.device, tick
     for name, fn in methods.items():
         m = copy.deepcopy(original)
         res = fn(m)
-        rows[name] = {**ev(m), "wall_s": res.wall_s, "steps": res.steps, **{f"info_{k}": v for k, v in res.info.items()}}
+        rows[name] = {
+            **ev(m),
+            "wall_s": res.wall_s,
+            "steps": res.steps,
+            **{f"info_{k}": v for k, v in res.info.items()},
+        }
         tick()
     for row in rows.values():
         row["avg_gap"] = M.average_gap(row, rows["retrain"])
@@ -232,6 +237,7 @@ def _run_demo(s: Settings, seed: int, quick: bool, dev: torch.device, backend: s
     total = 2 * 6 + 3 * 5 + 1 + 5
     t0 = time.perf_counter()
     with use_backend(backend), tqdm(total=total, desc="fastclu demo", disable=not progress, file=sys.stderr) as bar:
+
         def tick() -> None:
             bar.update(1)
 
