@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastclu import ops
+from fastclu import distributed, ops
 from fastclu.perturb import by_device
 
 __all__ = ["accumulate_task_", "merge_coefficient", "merge_sums", "merge_task_"]
@@ -43,6 +43,8 @@ def merge_sums(
     """
     params, anchor = list(params), list(anchor)
     fisher_sum, fisher_theta_sum = list(fisher_sum), list(fisher_theta_sum)
+    if distributed.any_dtensor(params):  # FSDP2: shard partials, all-reduced
+        return distributed.merge_sums(params, anchor, fisher_sum, fisher_theta_sum, backend=backend)
     groups = by_device(params)
     if len(groups) <= 1:
         with torch.no_grad():
@@ -97,7 +99,8 @@ def merge_task_(
     with torch.no_grad():
         for idx in by_device(params).values():
             a = alpha.to(params[idx[0]].device)
-            ops.merge_(_pick(params, idx), _pick(anchor, idx), a, backend=backend)
+            ops.merge_(distributed.local_list(_pick(params, idx)), distributed.local_list(_pick(anchor, idx)), a,
+                       backend=backend)  # fmt: skip
     return alpha
 
 

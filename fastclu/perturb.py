@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from fastclu import ops
+from fastclu import distributed, ops
 
 __all__ = ["by_device", "default_hvp_eps", "hvp", "mix_seed", "perturb_many_", "perturbed", "restore_many_"]
 
@@ -62,6 +62,9 @@ def perturb_many_(
     single-device noise. A 0-d tensor ``scale`` is moved to each device as needed. Returns the
     row norms aligned with ``params`` in seed mode, else None.
     """
+    if distributed.any_dtensor(params):  # FSDP2: shard-local, noise keyed on global indices
+        return distributed.perturb_sharded_(params, scale, backup=backup, anchor=anchor, direction=direction,
+                                            seed=seed, row_norms=row_norms, backend=backend)  # fmt: skip
     groups = by_device(params)
 
     def on(dev: torch.device) -> float | Tensor:
@@ -110,7 +113,8 @@ def restore_many_(params: list[Tensor], backup: list[Tensor], *, backend: str | 
     """Bit-exact :func:`fastclu.ops.restore_` over tensors on several devices."""
     with torch.no_grad():
         for idx in by_device(params).values():
-            ops.restore_(_pick(params, idx), _pick(backup, idx), backend=backend)
+            ops.restore_(distributed.local_list(_pick(params, idx)), distributed.local_list(_pick(backup, idx)),
+                         backend=backend)  # fmt: skip
 
 
 @contextmanager

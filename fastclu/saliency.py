@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastclu import ops
+from fastclu import distributed, ops
 
 __all__ = ["SaliencyMask", "fisher", "ratio_mask", "topk_mask"]
 
@@ -118,6 +118,7 @@ def fisher(
     *,
     power: int = 2,
     backend: str | None = None,
+    group: Any = None,
 ) -> list[Tensor]:
     """Diagonal empirical Fisher: the mean over batches of the squared batch gradient ``g_b**2``.
 
@@ -128,6 +129,10 @@ def fisher(
         loader: iterable of batches.
         loss_fn: e.g. ``torch.nn.CrossEntropyLoss()``; must return a scalar.
         power: 2 for ``g**2`` (Fisher), 1 for ``|g|``.
+        group: DDP: the process group whose ranks' Fishers are summed (each rank's batches count
+            as batches of one Fisher); None: the DDP model's own group; ``distributed.LOCAL``:
+            this rank's Fisher only. FSDP2 (DTensor parameters): the Fisher is kept as DTensor
+            shards and a batch is one data-parallel step (FSDP averages the ranks' gradients).
     Returns:
         one fp32 tensor per ``model.parameters()`` entry (same shapes and devices); parameters
         that do not require grad, or get none, have zeros. The model's ``.grad`` is not touched.
@@ -139,25 +144,28 @@ def fisher(
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power!r}")
     params = list(model.parameters())
-    acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    acc = [torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format) for p in params]
+    net, reduce_over = distributed.forward_module(model), distributed.fisher_group(model, group)
     live = [i for i, p in enumerate(params) if p.requires_grad]
     batches = 0
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError("each batch must be a tuple (inputs..., targets)")
         with torch.enable_grad():
-            loss = loss_fn(model(*batch[:-1]), batch[-1])
+            loss = loss_fn(net(*batch[:-1]), batch[-1])
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError("loss_fn must return a scalar tensor")
-            grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)
+            grads = distributed.fisher_grads(model, loss, [params[i] for i in live])
         got = [(i, g) for i, g in zip(live, grads) if g is not None]
         by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
         for i, g in got:
             by_device.setdefault(g.device, []).append((i, g))
         for pairs in by_device.values():
-            ops.fisher_accumulate_([acc[i] for i, _ in pairs], [g.contiguous() for _, g in pairs], 1.0,
+            ops.fisher_accumulate_([distributed.local(acc[i]) for i, _ in pairs],
+                                   [distributed.local(g.contiguous()) for _, g in pairs], 1.0,
                                    power=power, backend=backend)  # fmt: skip
         batches += 1
+    batches = distributed.reduce_fisher_([distributed.local(a) for a in acc], batches, reduce_over)
     if batches:
         for a in acc:
             a.div_(batches)
@@ -171,20 +179,26 @@ def ratio_mask(
     *,
     eps: float = 1e-12,
     backend: str | None = None,
+    group: Any = None,
 ) -> SaliencyMask:
     """SFR-on's balanced mask ``m = (F_f + eps) >= gamma * (F_r + eps)`` per element.
 
     Args:
         f_forget, f_remain: aligned lists of importances (e.g. from :func:`fisher`), one device.
         gamma: threshold ratio (float or 0-d tensor).
+        group: on several ranks, plain importances must be equal on every rank of ``group``
+            (default: the world), else ``ValueError``; ``distributed.LOCAL`` skips the check.
+            DTensor importances give the masks of the local shards.
     """
     f_forget = _params_list("f_forget", f_forget)
     f_remain = _params_list("f_remain", f_remain)
-    packed = ops.ratio_mask(f_forget, f_remain, gamma, eps=eps, backend=backend)
-    return SaliencyMask(packed, [f.shape for f in f_forget])
+    packed = distributed.ratio_mask(f_forget, f_remain, gamma, eps=eps, group=group, backend=backend)
+    return SaliencyMask(packed, [distributed.local(f).shape for f in f_forget])
 
 
-def topk_mask(scores: Sequence[Tensor], density: float, *, backend: str | None = None) -> SaliencyMask:
+def topk_mask(
+    scores: Sequence[Tensor], density: float, *, backend: str | None = None, group: Any = None
+) -> SaliencyMask:
     """Exact global top-k over all elements of ``scores``, ``k = round(density * total)``.
 
     Ties go to the earlier element in (tensor index, flat index) order (see :func:`fastclu.ops.topk_mask`).
@@ -192,6 +206,9 @@ def topk_mask(scores: Sequence[Tensor], density: float, *, backend: str | None =
     Args:
         scores: list of float tensors on one device (e.g. ``|summed gradient|`` for SalUn).
         density: fraction of elements to keep, in ``[0, 1]``.
+        group: as in :func:`ratio_mask`. DTensor scores: a distributed radix select over the
+            shards (:func:`fastclu.distributed.topk_mask`); the mask covers the local shards and
+            exactly ``k`` bits are set over all ranks.
     """
     scores = _params_list("scores", scores)
     if isinstance(density, bool) or not isinstance(density, (int, float)):
@@ -200,5 +217,5 @@ def topk_mask(scores: Sequence[Tensor], density: float, *, backend: str | None =
         raise ValueError(f"density must be in [0, 1], got {density}")
     total = sum(s.numel() for s in scores)
     k = min(total, round(float(density) * total))
-    packed = ops.topk_mask(scores, k, backend=backend)
-    return SaliencyMask(packed, [s.shape for s in scores])
+    packed = distributed.topk_mask(scores, k, group=group, backend=backend)
+    return SaliencyMask(packed, [distributed.local(s).shape for s in scores])

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastclu import ops
+from fastclu import distributed, ops
 
 STASH = "stash."
 GRAD = "grad"
@@ -163,6 +163,7 @@ class RoleOptimizer(Optimizer):
             raise ValueError(f"mask has {len(packed)} entries but the optimizer has {len(params)} parameters")
         out = []
         for i, (m, p) in enumerate(zip(packed, params)):
+            m, p = distributed.local(m), distributed.local(p)  # a DTensor parameter's mask covers its shard
             if not isinstance(m, Tensor):
                 raise TypeError(f"mask[{i}] must be a tensor, got {type(m).__name__}")
             if m.dtype == torch.bool:
@@ -411,7 +412,7 @@ class RoleOptimizer(Optimizer):
             for r, g in enumerate(gs):
                 if g is None:
                     g = torch.zeros_like(p)
-                b["grads"][r].append(g if g.is_contiguous() else g.contiguous())
+                b["grads"][r].append(distributed.local(g if g.is_contiguous() else g.contiguous()))
 
         def gating(b: dict[str, Any]) -> tuple[list[Tensor] | None, list[bool]]:
             if not b["mask"]:
@@ -439,16 +440,18 @@ class RoleOptimizer(Optimizer):
             if b["pen"]:
                 pen = {"penalty": group["penalty"], "importance": [self.state[p]["importance"] for p in params],
                            "anchor": [self.state[p]["anchor"] for p in params]}  # fmt: skip
+                pen = {k: v if k == "penalty" else distributed.local_list(v) for k, v in pen.items()}
             dev = params[0].device
             sc = scale.to(dev) if isinstance(scale, Tensor) else scale
+            states = {k: distributed.local_list(v) for k, v in self._state_lists(group, params).items()}
             ops.combine_step_(
-                params, b["grads"], self._state_lists(group, params), rule=self._rule, lr=group["lr"],
+                distributed.local_list(params), b["grads"], states, rule=self._rule, lr=group["lr"],
                 coeffs=[c.to(dev) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()],
                 scale=sc, mask=mask, masked=flags if mask is not None else None, mask_mode=mode,
                 grad_scale=None if grad_scale is None else grad_scale.to(dev),
                 found_inf=None if found_inf is None else found_inf.to(dev),
                 init_momentum=b["init"], backend=self.backend, **pen, **self._rule_kwargs(group),
-                restore_from=None if restore is None else [restore[p] for p in params],
+                restore_from=None if restore is None else distributed.local_list([restore[p] for p in params]),
             )  # fmt: skip
         self.clear_stash()
 
@@ -461,12 +464,14 @@ class RoleOptimizer(Optimizer):
         grad_scale: Tensor | None,
     ) -> Tensor:
         """``min(1, clip / (norm + 1e-6))`` with ``norm^2 = c^T G c`` from one gram pass (no host sync)."""
+        buckets = list(buckets)
         total: Tensor | None = None
         for b in buckets:
             mask, flags = gating(b)
             g = ops.gram(b["grads"], mask=mask, masked=flags if mask is not None else None, backend=self.backend)
             total = g.double() if total is None else total + g.to(total.device, torch.float64)
         assert total is not None
+        total = distributed.reduce_gram_(total, [p for b in buckets for p in b["params"]])
         dev = total.device
         c = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev).reshape(()) for v in coeffs.values()])
         norm = (c @ total @ c).clamp_min(0.0).sqrt()

@@ -1,0 +1,190 @@
+"""Worker of the 2-process distributed tests (run by dist_launch.run_job, one process per rank).
+
+Every case computes the same thing sharded / data-parallel and in one process (on every rank,
+from the same seed), and records named checks ``{"ok": bool, "detail": str}`` in
+``OUTDIR/rank<r>.json``; numbers worth reporting go under ``"measured"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastclu import distributed, ops, saliency
+from fastclu.optim import AdamW, RandomPerturb
+
+RESULTS: dict = {"checks": {}, "measured": {}}
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    RESULTS["checks"][name] = {"ok": bool(ok), "detail": detail}
+
+
+def tiny_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    # Row counts 6, 5, 3 over 2 ranks: even (3/3) and uneven (3/2, 2/1) Shard(0) layouts; 1-D biases.
+    return nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def global_batches(n: int, seed: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 8, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
+
+
+def shard_batches(batches: list, rank: int, world: int) -> list:
+    out = []
+    for x, y in batches:
+        m = x.shape[0] // world
+        out.append((x[rank * m : (rank + 1) * m], y[rank * m : (rank + 1) * m]))
+    return out
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if distributed.is_dtensor(t) else t
+
+
+def local_slice(t_full: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The rank's part of a full tensor, in the flat order of its DTensor shard ``d``."""
+    off = distributed.shard_offset(d)
+    return t_full.reshape(-1)[off : off + distributed.local(d).numel()]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((full(x).double() - y.double()).abs().max()) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+def case_fsdp(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    ref = tiny_model(0)
+    model = copy.deepcopy(ref)
+    fully_shard(model, mesh=mesh)
+    params, ref_params = list(model.parameters()), list(ref.parameters())
+
+    # Fisher: a batch is one data-parallel step (FSDP averages the ranks' gradients).
+    gb = global_batches(3, seed=1)
+    f_ref = saliency.fisher(ref, gb, F.cross_entropy)
+    f_sh = saliency.fisher(model, shard_batches(gb, rank, world), F.cross_entropy)
+    rel = max(float(((full(a) - b).abs() / b.abs().clamp_min(1e-30)).max()) for a, b in zip(f_sh, f_ref))
+    check("fisher_equal", all(distributed.is_dtensor(f) for f in f_sh) and rel < 1e-4, f"max rel diff {rel:.2e}")
+    gb2 = global_batches(3, seed=2)
+    f2_ref = saliency.fisher(ref, gb2, F.cross_entropy)
+    f2_sh = saliency.fisher(model, shard_batches(gb2, rank, world), F.cross_entropy)
+    rm_ref = saliency.ratio_mask(f_ref, f2_ref).unpack()
+    rm_sh = saliency.ratio_mask(f_sh, f2_sh).unpack()
+    same = all(torch.equal(local_slice(r, d), m.reshape(-1)) for r, m, d in zip(rm_ref, rm_sh, f_sh))
+    check("ratio_mask_identical", same)
+
+    # Top-k over scores with many ties (values from {0..4}) and a few distinct ones.
+    g = torch.Generator().manual_seed(3)
+    scores_full = [torch.randint(0, 5, p.shape, generator=g).float() for p in ref_params]
+    scores_full[2].view(-1)[:7] = torch.randn(7, generator=g)
+    scores_sh = [distribute_tensor(s, mesh, [Shard(0)]) for s in scores_full]
+    total = sum(s.numel() for s in scores_full)
+    ok, detail = True, []
+    for k in (0, 1, 17, total // 3, total // 2 + 1, total - 1, total):
+        want = ops.topk_mask(scores_full, k)
+        distributed.reset_comm_bytes()
+        got = distributed.topk_mask(scores_sh, k)
+        if k == total // 2 + 1:
+            RESULTS["measured"]["topk_bytes"] = distributed.comm_bytes().get("topk", 0)
+        bits = 0
+        for w, gp, s_full, d in zip(want, got, scores_full, scores_sh):
+            n_local = distributed.local(d).numel()
+            wb = local_slice(ops.unpack_bits(w, s_full.numel()), d)
+            gbits = ops.unpack_bits(gp, n_local)
+            bits += int(gbits.sum())
+            ok &= torch.equal(wb, gbits)
+        n = torch.tensor([bits])
+        dist.all_reduce(n)
+        ok &= int(n) == k
+        detail.append(f"k={k}: {int(n)} bits")
+    check("topk_identical", ok, "; ".join(detail))
+    RESULTS["measured"]["topk_tensors"] = len(scores_full)
+
+    # Clip scale and 10 masked, clipped 2-role AdamW steps.
+    mask_ref = saliency.topk_mask(scores_full, 0.4)
+    mask_sh = saliency.topk_mask(scores_sh, 0.4)
+    opt_ref = AdamW(ref_params, lr=1e-2, weight_decay=0.01)
+    opt_sh = AdamW(params, lr=1e-2, weight_decay=0.01)
+    opt_ref.set_mask(mask_ref, mode="update")
+    opt_sh.set_mask(mask_sh, mode="update")
+    scales: dict[str, list] = {"ref": [], "sh": []}
+    for key, opt in (("ref", opt_ref), ("sh", opt_sh)):
+        orig = opt._clip_scale
+
+        def spy(*a, _orig=orig, _key=key, **kw):
+            s = _orig(*a, **kw)
+            scales[_key].append(float(s))
+            return s
+
+        opt._clip_scale = spy
+    fb, rb = global_batches(10, seed=4), global_batches(10, seed=5)
+    fb_l, rb_l = shard_batches(fb, rank, world), shard_batches(rb, rank, world)
+    for t in range(10):
+        for net, opt, f, r in ((ref, opt_ref, fb[t], rb[t]), (model, opt_sh, fb_l[t], rb_l[t])):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(f[0]), f[1]).backward()
+            opt.stash("forget")
+            F.cross_entropy(net(r[0]), r[1]).backward()
+            if net is model and t == 0:
+                distributed.reset_comm_bytes()
+            opt.step(combine={"grad": 1.0, "forget": -0.5}, clip=0.05)
+            if net is model and t == 0:
+                RESULTS["measured"]["clip_bytes"] = distributed.comm_bytes().get("gram", 0)
+    srel = max(abs(a - b) / b for a, b in zip(scales["sh"], scales["ref"]))
+    check("clip_scale_equal", len(scales["sh"]) == 10 and max(scales["ref"]) < 1.0 and srel < 1e-5,
+          f"max rel diff {srel:.2e}, scales {scales['ref'][0]:.4f}..{scales['ref'][-1]:.4f}")  # fmt: skip
+    d = max_diff(params, ref_params)
+    moved = max(float((full(p) - q).abs().max()) for p, q in zip(params, tiny_model(0).parameters()))
+    check("adamw_10_steps_close", d < 1e-5 and moved > 1e-3, f"max |diff| {d:.2e}, max move {moved:.2e}")
+    st = opt_sh.state[params[0]]
+    check("state_is_sharded", distributed.is_dtensor(st["exp_avg"]) and st["mask"].numel()
+          == ops.packed_numel(distributed.local(params[0]).numel()))  # fmt: skip
+
+    # Noise: the sharded run draws the unsharded run's noise, bit for bit; removal is exact.
+    with torch.no_grad():
+        for p, q in zip(params, ref_params):
+            q.copy_(full(p))  # the same weights (the steps above agree only to ~1e-8)
+    for exact in (True, False):
+        rp_ref = RandomPerturb(torch.optim.SGD(ref_params, lr=0.1), rho=0.05, schedule="constant", seed=7, exact=exact)
+        rp_sh = RandomPerturb(torch.optim.SGD(params, lr=0.1), rho=0.05, schedule="constant", seed=7, exact=exact)
+        clean = [full(p).clone() for p in params]
+        rp_ref.apply_noise()
+        rp_sh.apply_noise()
+        same = all(torch.equal(full(p), q) for p, q in zip(params, ref_params))
+        moved = any(not torch.equal(full(p), c) for p, c in zip(params, clean))
+        rp_ref.remove_noise()
+        rp_sh.remove_noise()
+        back = all(torch.equal(full(p), q) for p, q in zip(params, ref_params))
+        restored = all(torch.equal(full(p), c) for p, c in zip(params, clean)) if exact else True
+        check(f"noise_identical_exact_{exact}", same and moved and back and restored,
+              f"same {same}, moved {moved}, back {back}, restored {restored}")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ main
+CASES = {"fsdp": case_fsdp}
+
+
+def main() -> None:
+    case, outdir = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    CASES[case](rank, world)  # an exception exits non-zero with its traceback in the rank's log
+    (outdir / f"rank{rank}.json").write_text(json.dumps(RESULTS))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

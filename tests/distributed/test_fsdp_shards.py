@@ -1,0 +1,39 @@
+"""FSDP2 (fully_shard, DTensor Shard(0), even and uneven) on 2 gloo ranks vs the same model in 1 process."""
+
+from __future__ import annotations
+
+import pytest
+from dist_launch import run_job
+
+pytestmark = pytest.mark.distributed
+
+CHECKS = [
+    "fisher_equal",  # max relative difference < 1e-4 (the ranks' mean gradients vs one batch's)
+    "ratio_mask_identical",
+    "topk_identical",  # bit for bit, with ties across shard boundaries, exactly k bits over both ranks
+    "clip_scale_equal",  # relative difference < 1e-5 (fp32 gram partials summed in fp64)
+    "adamw_10_steps_close",  # 10 masked, clipped 2-role AdamW steps: max |diff| < 1e-5
+    "state_is_sharded",
+    "noise_identical_exact_True",  # RandomPerturb: bit-identical noise, bit-exact removal
+    "noise_identical_exact_False",  # regenerated-noise removal, bit-identical to one process
+]
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_job("fsdp", tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_fsdp_matches_one_process(fsdp_results: list[dict], name: str) -> None:
+    for rank, res in enumerate(fsdp_results):
+        c = res["checks"][name]
+        assert c["ok"], f"rank {rank}: {name} failed: {c['detail']}"
+
+
+def test_bytes_per_step(fsdp_results: list[dict]) -> None:
+    m = fsdp_results[0]["measured"]
+    # Clip: one fp64 [R, R] gram (R = 2 roles). Top-k (fp32 scores): 4 radix passes of 256 int64
+    # counts (+1 NaN count on the first) and one int64 [world, tensors] tie-count table.
+    assert m["clip_bytes"] == 2 * 2 * 8
+    assert m["topk_bytes"] == (4 * 256 + 1) * 8 + 2 * m["topk_tensors"] * 8
