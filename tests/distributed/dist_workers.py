@@ -173,8 +173,55 @@ def case_fsdp(rank: int, world: int) -> None:
               f"same {same}, moved {moved}, back {back}, restored {restored}")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------ DDP
+def rank_batches(rank: int, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each rank's own data (different on every rank, as with a DistributedSampler)."""
+    return global_batches(n, seed=1000 * seed + rank, size=8)
+
+
+def case_ddp(rank: int, world: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastclu import methods
+    from fastclu.methods.common import make_mlp
+
+    ref = make_mlp(8, (6,), 3, seed=0)
+    model = DistributedDataParallel(make_mlp(8, (6,), 3, seed=0))
+    forget, remain = rank_batches(rank, 3, 1), rank_batches(rank, 4, 2)
+    # The Fisher of a DDP model: every rank's batches count, as in one process over all of them.
+    f_ddp = saliency.fisher(model, forget, F.cross_entropy)
+    f_one = saliency.fisher(ref, [b for r in range(world) for b in rank_batches(r, 3, 1)], F.cross_entropy)
+    rel = max(float(((a - b).abs() / b.abs().clamp_min(1e-30)).max()) for a, b in zip(f_ddp, f_one))
+    check("ddp_fisher_equals_one_process", rel < 1e-5, f"max rel diff {rel:.2e}")
+    # A rank-local Fisher used for a global mask is an error (on every rank), not a per-rank mask.
+    f_local = saliency.fisher(model, forget, F.cross_entropy, group=distributed.LOCAL)
+    r_local = saliency.fisher(model, remain, F.cross_entropy, group=distributed.LOCAL)
+    errors = []
+    for fn in (lambda: saliency.ratio_mask(f_local, r_local), lambda: saliency.topk_mask(f_local, 0.3)):
+        try:
+            fn()
+            errors.append("no error")
+        except ValueError as e:
+            errors.append("ok" if "differ across" in str(e) else str(e))
+    check("rank_local_score_is_an_error", errors == ["ok", "ok"], str(errors))
+    per_rank = saliency.ratio_mask(f_local, r_local, group=distributed.LOCAL)  # allowed when asked for
+    check("rank_local_mask_when_asked", len(per_rank) == len(f_local))
+
+    res = methods.sfron(model, forget, remain, iters=12, forget_every=3, lr=0.05)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    got = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(got, flat)
+    moved = float((flat - torch.cat([p.reshape(-1) for p in ref.parameters()])).abs().max())
+    dens = torch.tensor([res.info["mask_density"]], dtype=torch.float64)
+    all_dens = [torch.empty_like(dens) for _ in range(world)]
+    dist.all_gather(all_dens, dens)
+    same = all(torch.equal(g, got[0]) for g in got) and all(torch.equal(d, all_dens[0]) for d in all_dens)
+    check("sfron_bit_identical_on_ranks", same and moved > 1e-3,
+          f"densities {[float(d) for d in all_dens]}, max move {moved:.2e}")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ main
-CASES = {"fsdp": case_fsdp}
+CASES = {"fsdp": case_fsdp, "ddp": case_ddp}
 
 
 def main() -> None:
