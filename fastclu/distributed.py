@@ -26,6 +26,7 @@ rank-local result.
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -500,3 +501,119 @@ def _perturb_sharded(
         noise.append((z.reshape(rows, -1) * sigma).reshape(t.shape) if t.numel() else z.reshape(t.shape))
     ops.perturb_(lp, scale, direction=noise, **kw)
     return norms
+
+
+# ---------------------------------------------------------------------------------------- DCP
+_SKELETON = "skeleton"
+_TENSOR_REF = "__fastclu_tensor__"
+
+
+def _param_index(path: tuple, t: Tensor, params: list[Tensor]) -> int | None:
+    """The parameter a state tensor belongs to: an int key on its path that indexes a parameter of its shape."""
+    for key in path[1:]:
+        if isinstance(key, int) and 0 <= key < len(params) and t.shape == params[key].shape:
+            return key
+    return None
+
+
+def _to_dtensor_like(x: Tensor, p: Tensor) -> Tensor:
+    """A local tensor shaped like ``p``'s shard, as a DTensor with ``p``'s layout."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(x, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def optimizer_checkpoint(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The state of a fastclu optimizer (and its wrappers) as a flat dict for ``torch.distributed.checkpoint``.
+
+    Everything of ``optimizer.state_dict()`` is kept: buffers, step counters, stashed roles,
+    anchors, FastSlow's slow weights, P&M's statistics, param groups. Tensors shaped like a
+    parameter stay DTensors with the parameter's layout (or plain for plain parameters), so
+    DCP reshards them; a bit-packed mask is stored unpacked (``uint8`` 0/1 shaped like its
+    parameter), since packed bytes of a shard do not line up with another sharding. Save it
+    with ``dcp.save({"optim": optimizer_checkpoint(opt), ...})``; load with
+    :func:`load_optimizer_checkpoint`.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out: dict[str, Any] = {}
+
+    def walk(x: Any, path: tuple) -> Any:
+        if isinstance(x, dict):
+            return {k: walk(v, (*path, k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and not isinstance(x, Tensor):
+            return type(x)(walk(v, (*path, i)) for i, v in enumerate(x))
+        if not isinstance(x, Tensor):
+            return x
+        name = f"t{len(out)}"
+        owner = path[1] if len(path) == 3 and path[0] == "state" and path[2] == "mask" else None
+        if owner is not None:  # a packed mask: unpack to the parameter's (shard's) shape
+            p = params[owner]
+            lp = local(p)
+            bits = ops.unpack_bits(x, lp.numel(), lp.shape).to(torch.uint8)
+            out[name] = _to_dtensor_like(bits, p) if is_dtensor(p) else bits
+            return {_TENSOR_REF: name, "param": owner, "mask": True}
+        idx = _param_index(path, x, params) if is_dtensor(x) or path[:1] != ("param_groups",) else None
+        out[name] = x
+        return {_TENSOR_REF: name, "param": idx, "mask": False, "shape": list(x.shape), "dtype": str(x.dtype)}
+
+    # The structure (param groups, counters, tensor references) travels as one pickled object, as
+    # DCP stores any non-tensor value: load checkpoints you trust only.
+    out[_SKELETON] = pickle.dumps(walk(optimizer.state_dict(), ()))
+    return out
+
+
+def load_optimizer_checkpoint(optimizer: torch.optim.Optimizer, checkpoint_id: Any, key: str = "optim") -> None:
+    """Load what :func:`optimizer_checkpoint` saved under ``key`` into ``optimizer``, in its current layout.
+
+    The parameters may be sharded differently from the saving run (e.g. saved on 2 ranks, loaded
+    on 1 or on 2): per-parameter tensors are read as DTensors with the current parameters'
+    layout (plain full tensors for plain parameters). Two ``dcp.load`` calls: the structure,
+    then the tensors.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    head = {key: {_SKELETON: b""}}
+    dcp.load(head, checkpoint_id=checkpoint_id)
+    skeleton = pickle.loads(head[key][_SKELETON])
+    template: dict[str, Tensor] = {}
+    refs: list[dict] = []
+
+    def collect(x: Any) -> None:
+        if isinstance(x, dict) and _TENSOR_REF in x:
+            refs.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+
+    collect(skeleton)
+    for ref in refs:
+        idx = ref["param"]
+        if ref["mask"]:
+            p = params[idx]
+            template[ref[_TENSOR_REF]] = torch.zeros_like(p, dtype=torch.uint8)
+            continue
+        dtype = getattr(torch, ref["dtype"].removeprefix("torch."))
+        if idx is not None and is_dtensor(params[idx]):
+            template[ref[_TENSOR_REF]] = torch.zeros_like(params[idx], dtype=dtype)
+        else:
+            dev = local(params[idx]).device if idx is not None else torch.device("cpu")
+            template[ref[_TENSOR_REF]] = torch.zeros(ref["shape"], dtype=dtype, device=dev)
+    body = {key: template}
+    dcp.load(body, checkpoint_id=checkpoint_id)
+    loaded = body[key]
+
+    def build(x: Any) -> Any:
+        if isinstance(x, dict) and _TENSOR_REF in x:
+            t = loaded[x[_TENSOR_REF]]
+            return ops.pack_bits(local(t).reshape(-1).bool()) if x["mask"] else t
+        if isinstance(x, dict):
+            return {k: build(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(build(v) for v in x)
+        return x
+
+    optimizer.load_state_dict(build(skeleton))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastclu import ops
+from fastclu import distributed, ops
 from fastclu.optim._wrapper import OptimizerWrapper, _float, _int
 from fastclu.perturb import by_device
 
@@ -73,7 +73,8 @@ class FastSlow(OptimizerWrapper):
         fast = [p for p in self.params() if p in self._slow]
         with torch.no_grad():
             for idx in by_device(fast).values():
-                ops.lerp_sync_([self._slow[fast[i]] for i in idx], [fast[i] for i in idx], self.beta,
+                ops.lerp_sync_(distributed.local_list([self._slow[fast[i]] for i in idx]),
+                               distributed.local_list([fast[i] for i in idx]), self.beta,
                                backend=self.backend)  # fmt: skip
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:

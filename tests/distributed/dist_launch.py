@@ -25,10 +25,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(case: str, outdir: Path, world: int = 2, timeout_s: float = 120.0) -> list[dict]:
+def run_job(
+    case: str, outdir: Path, world: int = 2, timeout_s: float = 120.0, env: dict[str, str] | None = None
+) -> list[dict]:
     """Run ``case`` on ``world`` ranks; return each rank's result dict (raises AssertionError on failure)."""
     outdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+    env = {**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # fmt: skip
     procs = []
     for r in range(world):

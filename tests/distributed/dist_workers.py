@@ -220,8 +220,85 @@ def case_ddp(rank: int, world: int) -> None:
           f"densities {[float(d) for d in all_dens]}, max move {moved:.2e}")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------ DCP
+def dcp_setup(world: int, seed: int):
+    """Model (FSDP2 on several ranks, plain in one process) and FastSlow(AdamW) over it."""
+    from fastclu.optim import FastSlow
+
+    model = tiny_model(seed)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = FastSlow(AdamW(list(model.parameters()), lr=1e-2, weight_decay=0.01), k=3, beta=0.5)
+    return model, opt
+
+
+def dcp_train(model, opt, rank: int, world: int, steps: range, stash_first: bool) -> None:
+    fb, rb = global_batches(12, seed=4), global_batches(12, seed=5)
+    if world > 1:
+        fb, rb = shard_batches(fb, rank, world), shard_batches(rb, rank, world)
+    for t in steps:
+        if not (stash_first and t == steps.start):  # the first step may use a stash from before the checkpoint
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(fb[t][0]), fb[t][1]).backward()
+            opt.stash("forget")
+        F.cross_entropy(model(rb[t][0]), rb[t][1]).backward()
+        opt.step(combine={"grad": 1.0, "forget": -0.5}, clip=0.5)
+
+
+def case_dcp_save(rank: int, world: int) -> None:
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    ckpt = Path(os.environ["DCP_DIR"])
+    model, opt = dcp_setup(world, seed=0)
+    mesh = next(model.parameters()).device_mesh
+    g = torch.Generator().manual_seed(9)
+    scores = [distribute_tensor(torch.rand(p.shape, generator=g), mesh, [Shard(0)]) for p in model.parameters()]
+    importance = [distribute_tensor(torch.rand(p.shape, generator=g), mesh, [Shard(0)]) for p in model.parameters()]
+    opt.set_mask(saliency.topk_mask(scores, 0.5), mode="grad", roles=["forget"])
+    opt.set_anchor(importance, lam=0.1)
+    dcp_train(model, opt, rank, world, range(4), stash_first=False)
+    fb = shard_batches(global_batches(12, seed=4), rank, world)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(fb[4][0]), fb[4][1]).backward()
+    opt.stash("forget")  # pending at the checkpoint
+    dcp.save({"model": model.state_dict(), "optim": distributed.optimizer_checkpoint(opt)}, checkpoint_id=ckpt)
+    dcp_train(model, opt, rank, world, range(4, 8), stash_first=True)
+    weights = [full(p).detach().clone() for p in model.parameters()]
+    if rank == 0:
+        torch.save(weights, ckpt.parent / "uninterrupted.pt")
+    check("saved", True)
+
+
+def case_dcp_load(rank: int, world: int) -> None:
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = Path(os.environ["DCP_DIR"])
+    model, opt = dcp_setup(world, seed=123)  # other weights: everything must come from the checkpoint
+    sd = {"model": model.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt)
+    model.load_state_dict(sd["model"])
+    distributed.load_optimizer_checkpoint(opt, ckpt)
+    inner = opt.optimizer
+    check("stash_restored", inner.stashed_roles() == ["forget"], str(inner.stashed_roles()))
+    check("mask_restored", all("mask" in inner.state[p] for p in model.parameters()))
+    dcp_train(model, opt, rank, world, range(4, 8), stash_first=True)
+    want = torch.load(ckpt.parent / "uninterrupted.pt")
+    d = max_diff(list(model.parameters()), want)
+    RESULTS["measured"]["max_diff"] = d
+    ok = d == 0.0 if world > 1 else d < 1e-5
+    check("continues_like_uninterrupted", ok, f"max |diff| {d:.2e} on {world} rank(s)")
+
+
 # ------------------------------------------------------------------------------------------ main
-CASES = {"fsdp": case_fsdp, "ddp": case_ddp}
+CASES = {"fsdp": case_fsdp, "ddp": case_ddp, "dcp_save": case_dcp_save, "dcp_load": case_dcp_load}
 
 
 def main() -> None:
