@@ -63,3 +63,11 @@ def run_job(
         logs = "\n".join(f"--- rank {r}\n{(outdir / f'rank{r}.log').read_text()[-4000:]}" for r in range(world))
         raise AssertionError(f"distributed job {case!r} failed: {failed}\n{logs}")
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def assert_checks(results: list[dict], case: str, names: list[str]) -> None:
+    """Every rank passed every named check of ``case``."""
+    for rank, res in enumerate(results):
+        for name in names:
+            c = res[case]["checks"][name]
+            assert c["ok"], f"rank {rank}: {case}/{name} failed: {c['detail']}"

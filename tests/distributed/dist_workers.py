@@ -20,7 +20,8 @@ from torch import nn
 from fastclu import distributed, ops, saliency
 from fastclu.optim import AdamW, RandomPerturb
 
-RESULTS: dict = {"checks": {}, "measured": {}}
+ALL: dict[str, dict] = {}
+RESULTS: dict = {}  # the running case's entry of ALL
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
@@ -302,11 +303,16 @@ CASES = {"fsdp": case_fsdp, "ddp": case_ddp, "dcp_save": case_dcp_save, "dcp_loa
 
 
 def main() -> None:
-    case, outdir = sys.argv[1], Path(sys.argv[2])
+    """``dist_workers.py CASE[,CASE...] OUTDIR``: the cases run in order in one process group."""
+    global RESULTS
+    cases, outdir = sys.argv[1].split(","), Path(sys.argv[2])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    CASES[case](rank, world)  # an exception exits non-zero with its traceback in the rank's log
-    (outdir / f"rank{rank}.json").write_text(json.dumps(RESULTS))
+    for case in cases:
+        RESULTS = ALL[case] = {"checks": {}, "measured": {}}
+        CASES[case](rank, world)  # an exception exits non-zero with its traceback in the rank's log
+        dist.barrier()  # e.g. dcp_load reads what dcp_save's rank 0 wrote
+    (outdir / f"rank{rank}.json").write_text(json.dumps(ALL))
     dist.destroy_process_group()
 
 

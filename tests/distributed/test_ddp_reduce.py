@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from dist_launch import run_job
+from dist_launch import assert_checks
 
 pytestmark = pytest.mark.distributed
 
@@ -15,13 +15,6 @@ CHECKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run_job("ddp", tmp_path_factory.mktemp("ddp"))
-
-
 @pytest.mark.parametrize("name", CHECKS)
-def test_ddp(ddp_results: list[dict], name: str) -> None:
-    for rank, res in enumerate(ddp_results):
-        c = res["checks"][name]
-        assert c["ok"], f"rank {rank}: {name} failed: {c['detail']}"
+def test_ddp(two_rank_job: list[dict], name: str) -> None:
+    assert_checks(two_rank_job, "ddp", [name])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from dist_launch import run_job
+from dist_launch import assert_checks
 
 pytestmark = pytest.mark.distributed
 
@@ -19,20 +19,13 @@ CHECKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run_job("fsdp", tmp_path_factory.mktemp("fsdp"))
-
-
 @pytest.mark.parametrize("name", CHECKS)
-def test_fsdp_matches_one_process(fsdp_results: list[dict], name: str) -> None:
-    for rank, res in enumerate(fsdp_results):
-        c = res["checks"][name]
-        assert c["ok"], f"rank {rank}: {name} failed: {c['detail']}"
+def test_fsdp_matches_one_process(two_rank_job: list[dict], name: str) -> None:
+    assert_checks(two_rank_job, "fsdp", [name])
 
 
-def test_bytes_per_step(fsdp_results: list[dict]) -> None:
-    m = fsdp_results[0]["measured"]
+def test_bytes_per_step(two_rank_job: list[dict]) -> None:
+    m = two_rank_job[0]["fsdp"]["measured"]
     # Clip: one fp64 [R, R] gram (R = 2 roles). Top-k (fp32 scores): 4 radix passes of 256 int64
     # counts (+1 NaN count on the first) and one int64 [world, tensors] tie-count table.
     assert m["clip_bytes"] == 2 * 2 * 8
