@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastclu import ops
+from fastclu import distributed, ops
 from fastclu.merge import accumulate_task_, merge_task_
 from fastclu.optim._wrapper import OptimizerWrapper, _int
 from fastclu.perturb import by_device, perturb_many_, restore_many_
@@ -136,7 +136,8 @@ class PerturbMerge(OptimizerWrapper):
     def _entry(self, p: Tensor) -> dict[str, Tensor]:
         e = self._pp.get(p)
         if e is None:
-            z = lambda: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            # zeros_like: a DTensor parameter's statistics are DTensor shards like it.
+            z = lambda: torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             e = self._pp[p] = {"fisher": z(), "fisher_sum": z(), "fisher_theta_sum": z()}
         return e
 
@@ -212,7 +213,8 @@ class PerturbMerge(OptimizerWrapper):
         grads = [p.grad.contiguous() for p in ps]
         with torch.no_grad():
             for idx in by_device(ps).values():
-                ops.fisher_accumulate_([fis[i] for i in idx], [grads[i] for i in idx], float(scale),
+                ops.fisher_accumulate_(distributed.local_list([fis[i] for i in idx]),
+                                       distributed.local_list([grads[i] for i in idx]), float(scale),
                                        backend=self.backend)  # fmt: skip
         self.fisher_count += 1
 

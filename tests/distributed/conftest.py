@@ -1,6 +1,6 @@
 """One 2-rank gloo job for the distributed tests (each process start costs seconds of imports).
 
-The job runs the FSDP2, DDP and DCP cases of ``dist_workers.py`` in order; each test file reads
+The job runs the FSDP2, P&M, DDP and DCP cases of ``dist_workers.py`` in order; each test file reads
 its case's checks. The job is bounded by a hard timeout that kills the workers.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from dist_launch import run_job
 
-CASES = "fsdp,ddp,dcp_save,dcp_load"
+CASES = "fsdp,pnm,ddp,dcp_save,dcp_load"
 
 
 @pytest.fixture(scope="session")

@@ -174,6 +174,49 @@ def case_fsdp(rank: int, world: int) -> None:
               f"same {same}, moved {moved}, back {back}, restored {restored}")  # fmt: skip
 
 
+def case_pnm(rank: int, world: int) -> None:
+    """P&M (PerturbMerge) over FSDP2 shards vs one process: merge coefficients and weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fastclu.optim import PerturbMerge
+
+    ref = tiny_model(1)
+    model = copy.deepcopy(ref)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    runs = []
+    for net, shard in ((ref, False), (model, True)):
+        opt = PerturbMerge(AdamW(list(net.parameters()), lr=1e-2), eps=0.5, seed=3)
+        alphas = []
+        for task in range(3):
+            batches = global_batches(3, seed=20 + task)
+            if shard:
+                batches = shard_batches(batches, rank, world)
+            for x, y in batches:
+                opt.zero_grad(set_to_none=True)
+                with opt.perturbed():
+                    F.cross_entropy(net(x), y).backward()
+                opt.accumulate_fisher()
+                opt.step()
+            alpha = opt.end_task()
+            if alpha is not None:
+                alphas.append(float(alpha))
+        runs.append((alphas, opt))
+    (a_ref, _), (a_sh, opt_sh) = runs
+    rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(a_sh, a_ref))
+    d = max_diff(list(model.parameters()), list(ref.parameters()))
+    check("pnm_alpha_equal", len(a_sh) == 2 and rel < 1e-4 and 0.0 < min(a_ref) < 1.0,
+          f"alphas {a_ref} vs {a_sh}, max rel diff {rel:.2e}")  # fmt: skip
+    check("pnm_weights_close", d < 1e-5, f"max |diff| {d:.2e}")
+    distributed.reset_comm_bytes()
+    p0 = list(model.parameters())
+    e = [opt_sh._pp[p] for p in p0]
+    distributed.merge_sums(
+        p0, [x["anchor"] for x in e], [x["fisher_sum"] for x in e], [x["fisher_theta_sum"] for x in e]
+    )
+    RESULTS["measured"]["merge_bytes"] = distributed.comm_bytes().get("merge", 0)
+
+
 # ------------------------------------------------------------------------------------------ DDP
 def rank_batches(rank: int, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each rank's own data (different on every rank, as with a DistributedSampler)."""
@@ -299,7 +342,7 @@ def case_dcp_load(rank: int, world: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
-CASES = {"fsdp": case_fsdp, "ddp": case_ddp, "dcp_save": case_dcp_save, "dcp_load": case_dcp_load}
+CASES = {"fsdp": case_fsdp, "pnm": case_pnm, "ddp": case_ddp, "dcp_save": case_dcp_save, "dcp_load": case_dcp_load}
 
 
 def main() -> None:

@@ -30,3 +30,10 @@ def test_bytes_per_step(two_rank_job: list[dict]) -> None:
     # counts (+1 NaN count on the first) and one int64 [world, tensors] tie-count table.
     assert m["clip_bytes"] == 2 * 2 * 8
     assert m["topk_bytes"] == (4 * 256 + 1) * 8 + 2 * m["topk_tensors"] * 8
+
+
+@pytest.mark.parametrize("name", ["pnm_alpha_equal", "pnm_weights_close"])
+def test_perturb_merge_on_shards(two_rank_job: list[dict], name: str) -> None:
+    # PerturbMerge(AdamW), 3 tasks: merge coefficients (rel. diff < 1e-4) and weights (< 1e-5).
+    assert_checks(two_rank_job, "pnm", [name])
+    assert two_rank_job[0]["pnm"]["measured"]["merge_bytes"] == 2 * 8  # (num, den) in fp64
