@@ -80,10 +80,25 @@ def reset_comm_bytes() -> None:
     _COMM.clear()
 
 
+def _comm_device(group: Any, like: torch.device) -> torch.device:
+    """Where a collective's buffer must live: NCCL reduces CUDA tensors only; gloo takes CPU ones."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend:
+        return like if like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if backend == "gloo" else like
+
+
 def _all_reduce_(t: Tensor, group: Any, purpose: str, op: Any = None) -> Tensor:
+    """In place all-reduce of ``t`` (SUM by default) over ``group``, counting its bytes under ``purpose``."""
     _COMM[purpose] = _COMM.get(purpose, 0) + t.numel() * t.element_size()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
-    return t
+    op = dist.ReduceOp.SUM if op is None else op
+    dev = _comm_device(group, t.device)
+    if dev == t.device:
+        dist.all_reduce(t, op=op, group=group)
+        return t
+    buf = t.to(dev)
+    dist.all_reduce(buf, op=op, group=group)
+    return t.copy_(buf)
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -434,16 +449,23 @@ def merge_sums(
 
 
 # ---------------------------------------------------------------------------------------- noise
-def _row_norms(t: Tensor, lt: Tensor) -> Tensor:
-    """fp32 row norms of a (possibly sharded) tensor, for its local rows; 1-D shards are reduced."""
+def _row_norms(params: list[Tensor], lp: list[Tensor]) -> list[Tensor]:
+    """fp32 row norms of (possibly sharded) tensors, for their local rows.
+
+    Rows of ``ndim >= 2`` tensors are whole on a rank. A sharded tensor of ``ndim <= 1`` is one
+    row split over the ranks: its fp64 sum of squares is reduced, for all such tensors in one
+    all-reduce (8 bytes per tensor).
+    """
     from fastclu.ops.reference.perturb import row_norms_of
 
-    if t.dim() >= 2 or not is_dtensor(t) or not _layout(t)[0]:
-        return row_norms_of(lt)
-    # A tensor of ndim <= 1 is one row, split over the ranks: sum the squares (fp64) globally.
-    sq = (lt.double() ** 2).sum().reshape(1).cpu()
-    _all_reduce_(sq, t.device_mesh.get_group(), "noise")
-    return sq.sqrt().to(lt.device, torch.float32)
+    split = [i for i, p in enumerate(params) if p.dim() < 2 and is_dtensor(p) and _layout(p)[0]]
+    out = [None if i in split else row_norms_of(t) for i, t in enumerate(lp)]
+    if split:
+        sq = torch.stack([(lp[i].double() ** 2).sum().cpu() for i in split])
+        _all_reduce_(sq, tensors_group([params[i] for i in split], "params"), "noise")
+        for j, i in enumerate(split):
+            out[i] = sq[j].sqrt().reshape(1).to(lp[i].device, torch.float32)
+    return out
 
 
 def perturb_sharded_(
@@ -487,11 +509,11 @@ def _perturb_sharded(
     from fastclu.ops.reference.perturb import n_rows
     from fastclu.ops.reference.philox import philox_normal
 
-    norms, noise = [], []
+    offsets = [shard_offset(p) for p in params]  # raises for unsupported layouts before anything moves
+    norms = [r.reshape(-1).to(torch.float32) for r in row_norms] if row_norms is not None else _row_norms(params, lp)
+    noise = []
     for i, (p, t) in enumerate(zip(params, lp)):
-        offset = shard_offset(p)
-        nr = row_norms[i].reshape(-1).to(torch.float32) if row_norms is not None else _row_norms(p, t)
-        norms.append(nr)
+        offset, nr = offsets[i], norms[i]
         full_rows = p.shape[0] if p.dim() >= 2 else 1
         n = p.numel() // full_rows if full_rows else 0
         z = philox_normal(seed, i, t.numel(), device=t.device, start=offset)

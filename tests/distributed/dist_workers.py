@@ -163,7 +163,9 @@ def case_fsdp(rank: int, world: int) -> None:
         rp_sh = RandomPerturb(torch.optim.SGD(params, lr=0.1), rho=0.05, schedule="constant", seed=7, exact=exact)
         clean = [full(p).clone() for p in params]
         rp_ref.apply_noise()
+        distributed.reset_comm_bytes()
         rp_sh.apply_noise()
+        RESULTS["measured"]["noise_bytes"] = distributed.comm_bytes().get("noise", 0)
         same = all(torch.equal(full(p), q) for p, q in zip(params, ref_params))
         moved = any(not torch.equal(full(p), c) for p, c in zip(params, clean))
         rp_ref.remove_noise()

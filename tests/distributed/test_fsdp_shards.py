@@ -30,6 +30,8 @@ def test_bytes_per_step(two_rank_job: list[dict]) -> None:
     # counts (+1 NaN count on the first) and one int64 [world, tensors] tie-count table.
     assert m["clip_bytes"] == 2 * 2 * 8
     assert m["topk_bytes"] == (4 * 256 + 1) * 8 + 2 * m["topk_tensors"] * 8
+    # Noise: the row norm of each sharded 1-D tensor (3 biases), one fp64 each, in one all-reduce.
+    assert m["noise_bytes"] == 3 * 8
 
 
 @pytest.mark.parametrize("name", ["pnm_alpha_equal", "pnm_weights_close"])
