@@ -268,8 +268,8 @@ def case_ddp(rank: int, world: int) -> None:
 
 # ------------------------------------------------------------------------------------------ DCP
 def dcp_setup(world: int, seed: int):
-    """Model (FSDP2 on several ranks, plain in one process) and FastSlow(AdamW) over it."""
-    from fastclu.optim import FastSlow
+    """Model (FSDP2 on several ranks, plain in one process) and FastSlow(PerturbMerge(AdamW)) over it."""
+    from fastclu.optim import FastSlow, PerturbMerge
 
     model = tiny_model(seed)
     if world > 1:
@@ -277,7 +277,8 @@ def dcp_setup(world: int, seed: int):
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    opt = FastSlow(AdamW(list(model.parameters()), lr=1e-2, weight_decay=0.01), k=3, beta=0.5)
+    inner = PerturbMerge(AdamW(list(model.parameters()), lr=1e-2, weight_decay=0.01), eps=0.5, seed=5)
+    opt = FastSlow(inner, k=3, beta=0.5)
     return model, opt
 
 
@@ -290,8 +291,12 @@ def dcp_train(model, opt, rank: int, world: int, steps: range, stash_first: bool
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(fb[t][0]), fb[t][1]).backward()
             opt.stash("forget")
-        F.cross_entropy(model(rb[t][0]), rb[t][1]).backward()
+        with opt.perturbed():  # P&M: weights at theta + k eps (theta - theta_prev) after the first task
+            F.cross_entropy(model(rb[t][0]), rb[t][1]).backward()
+        opt.accumulate_fisher()
         opt.step(combine={"grad": 1.0, "forget": -0.5}, clip=0.5)
+        if t in (1, 6):
+            opt.end_task()  # P&M merge: Fisher sums, anchors and alpha (t = 6: after the checkpoint)
 
 
 def case_dcp_save(rank: int, world: int) -> None:

@@ -1,8 +1,10 @@
 """torch.distributed.checkpoint: fastclu optimizer + wrapper state saved on 2 FSDP2 ranks, loaded on 2 and on 1.
 
-The saving run: FastSlow(AdamW) with a top-k mask, an anchor penalty, 4 masked clipped 2-role
-steps and a pending stash, checkpointed, then 4 more steps (the uninterrupted reference). The
-loading runs start from other weights, load, and take the same 4 steps.
+The saving run: FastSlow(PerturbMerge(AdamW)) with a top-k mask, an anchor penalty, 4 masked
+clipped 2-role steps (P&M-perturbed, a task merged after the second) and a pending stash,
+checkpointed, then 4 more steps with another merge (the uninterrupted reference). The loading
+runs start from other weights, load, and take the same 4 steps: slow weights, P&M statistics,
+anchors, its RNG, masks and the stash must all come from the checkpoint.
 """
 
 from __future__ import annotations
