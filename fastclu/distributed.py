@@ -46,6 +46,7 @@ __all__ = [
     "local",
     "local_list",
     "merge_sums",
+    "model_group",
     "perturb_sharded_",
     "ratio_mask",
     "reduce_fisher_",
@@ -370,6 +371,16 @@ def forward_module(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def model_group(model: nn.Module) -> Any:
+    """The process group a wrapped model is parallel over: a DDP model's ``process_group``, an FSDP2
+    model's parameter mesh group; None for a plain model."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.process_group
+    return tensors_group(list(model.parameters()), "the model's parameters")
 
 
 def fisher_group(model: nn.Module, group: Any) -> Any:

@@ -64,3 +64,15 @@ def test_mixed_dtensor_and_plain_is_an_error(one_rank) -> None:
     d = distribute_tensor(torch.randn(4, 2), one_rank, [Shard(0)])
     with pytest.raises(ValueError, match="mixes DTensors and plain"):
         distributed.tensors_group([d, torch.randn(3)])
+
+
+def test_model_group(one_rank) -> None:
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert distributed.model_group(nn.Linear(3, 2)) is None
+    ddp = DistributedDataParallel(nn.Linear(3, 2))
+    assert distributed.model_group(ddp) is ddp.process_group
+    fsdp = fully_shard(nn.Linear(3, 2), mesh=one_rank)
+    assert distributed.model_group(fsdp) is one_rank.get_group()
