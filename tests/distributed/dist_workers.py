@@ -155,6 +155,23 @@ def case_fsdp(rank: int, world: int) -> None:
     check("state_is_sharded", distributed.is_dtensor(st["exp_avg"]) and st["mask"].numel()
           == ops.packed_numel(distributed.local(params[0]).numel()))  # fmt: skip
 
+    # SGD (momentum, nesterov, weight decay) with a grad-mode mask on one role and a clip.
+    from fastclu.optim import SGD
+
+    sgd_ref = SGD(ref_params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sgd_sh = SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sgd_ref.set_mask(mask_ref, mode="grad", roles=["forget"])
+    sgd_sh.set_mask(mask_sh, mode="grad", roles=["forget"])
+    for t in range(3):
+        for net, opt, f, r in ((ref, sgd_ref, fb[t], rb[t]), (model, sgd_sh, fb_l[t], rb_l[t])):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(f[0]), f[1]).backward()
+            opt.stash("forget")
+            F.cross_entropy(net(r[0]), r[1]).backward()
+            opt.step(combine={"grad": 1.0, "forget": -2.0}, clip=0.05)
+    d = max_diff(params, ref_params)
+    check("sgd_3_steps_close", d < 1e-5, f"max |diff| {d:.2e}")
+
     # Noise: the sharded run draws the unsharded run's noise, bit for bit; removal is exact.
     with torch.no_grad():
         for p, q in zip(params, ref_params):

@@ -14,6 +14,7 @@ CHECKS = [
     "clip_scale_equal",  # relative difference < 1e-5 (fp32 gram partials summed in fp64)
     "adamw_10_steps_close",  # 10 masked, clipped 2-role AdamW steps: max |diff| < 1e-5
     "state_is_sharded",
+    "sgd_3_steps_close",  # SGD momentum/nesterov, grad-mode mask on one role, clipped: max |diff| < 1e-5
     "noise_identical_exact_True",  # RandomPerturb: bit-identical noise, bit-exact removal
     "noise_identical_exact_False",  # regenerated-noise removal, bit-identical to one process
 ]
