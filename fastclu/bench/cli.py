@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shlex
@@ -183,7 +184,9 @@ def _write(doc: dict[str, Any], out_dir: Path, with_plot: bool) -> None:
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     print(f"\nwrote {json_path}")
-    if with_plot:
+    if with_plot and importlib.util.find_spec("matplotlib") is None:
+        print("NOTE: matplotlib is not installed (pip install 'fastclu[demo]'): no PNG written, --no-plot hides this")
+    elif with_plot:
         png = out_dir / f"{stem}.png"
         suffix = " · CPU harness check, not a benchmark" if meta["gpu_skipped"] else ""
         plot(doc["results"], png, f"{meta['device']} · torch {meta['torch']}{suffix}")
