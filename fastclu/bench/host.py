@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -64,6 +65,14 @@ NOTE = (
     "foreach=True) on as many one-element tensors as the shape list has (kernel work negligible; 'launches' not "
     "counted). On a machine without a GPU the triton path runs under TRITON_INTERPRET=1 and CPU host times stand "
     "in for GPU host times: compare rows of one run, not runs of different machines."
+)
+
+NOTE_CUDA = NOTE.replace(
+    "REAL CPU step", "real step on the GPU (host time of its real, asynchronous launches)"
+).replace(
+    "On a machine without a GPU the triton path runs under TRITON_INTERPRET=1 and CPU host times stand in for GPU "
+    "host times: compare rows of one run, not runs of different machines.",
+    "Compare rows of one run, not runs of different machines.",
 )
 
 
@@ -146,7 +155,7 @@ def _params(shapes: Sequence[Sequence[int]], device: torch.device) -> list[Tenso
     return ps
 
 
-def _fastclu_adamw(params: list[Tensor], backend: str):
+def _fastclu_adamw(params: list[Tensor], backend: str) -> Any:  # a fastclu.optim.AdamW
     from fastclu.optim import AdamW
 
     return AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, backend=backend)
@@ -287,7 +296,9 @@ def measure_fastclu(
     return row
 
 
-def measure_torch(case: str, impl: str, shapes_name: str, device: torch.device, warmup: int, repeats: int):
+def measure_torch(
+    case: str, impl: str, shapes_name: str, device: torch.device, warmup: int, repeats: int
+) -> dict[str, Any]:
     """One torch row: the real step on one-element tensors, as many as ``shapes_name`` has."""
     shapes = _tensor_shapes(shapes_name, "one_element")
     row = _row(case, impl, shapes_name, shapes, "one_element")
@@ -407,11 +418,12 @@ def host_main(args: argparse.Namespace, command: str) -> int:
                                  repeats=20 if args.repeats is None else args.repeats)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    doc = {"schema": HOST_SCHEMA_VERSION, "kind": "host", "note": NOTE, "meta": environment(device, command),
+    note = NOTE if device.type != "cuda" else NOTE_CUDA
+    doc = {"schema": HOST_SCHEMA_VERSION, "kind": "host", "note": note, "meta": environment(device, command),
            "skipped_backends": skipped, "rows": rows}  # fmt: skip
     for b, why in skipped.items():
         print(f"NOTE: backend {b} skipped: {why}")
-    print("NOTE:", NOTE)
+    print("NOTE:", note)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
