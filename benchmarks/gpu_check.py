@@ -419,7 +419,7 @@ def cmd_rebuilds(args: argparse.Namespace) -> int:
     rows = []
     for b in args.backends:
         try:
-            rows.append(training_run(b, args.steps, dev))
+            rows.append(training_run(b, args.steps, dev, args.stash_every))
         except Exception as e:  # noqa: BLE001 -- the other backend still gets counted
             rows.append({"backend": b, "error": f"{type(e).__name__}: {e}"[:500]})
     doc = {"schema": SCHEMA, "kind": "rebuilds", "device": str(dev), "rows": rows,
@@ -486,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--sizes", type=_csv, default=["2^26", "gpt2_124m"], help="'2^k' or a model list name")
         if name == "rebuilds":
             s.add_argument("--steps", type=int, default=100)
+            s.add_argument("--stash-every", type=int, default=5, help="a stashed 2-role step every N-th step")
         if name == "sanitize-subset":
             s.add_argument("--ops", type=_csv, default=None)
     return p

@@ -67,11 +67,12 @@ def test_spent_budget_skips_later_phases_and_still_writes_the_summary(gc, tmp_pa
 
 def test_rebuild_counter_sees_table_builds(gc, tmp_path: Path) -> None:
     out = tmp_path / "rebuilds.json"
-    assert gc.main(["rebuilds", "--device", "cpu", "--backends", "triton", "--steps", "2", "--out", str(out)]) == 0
+    argv = ["rebuilds", "--device", "cpu", "--backends", "triton", "--steps", "2", "--stash-every", "2"]
+    assert gc.main([*argv, "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["found_builder"] is True and row["steps"] == 2
     assert all(v >= 0 for v in row["table_builds"].values())
     # The counter counts: a fresh parameter set must build at least one table.
     with gc.count_calls(gc.TABLE_BUILDERS["triton"]) as counts:
-        gc.training_run("triton", 0, "cpu")
+        gc.training_run("triton", 0, "cpu", stash_every=1)
     assert sum(counts.values()) > 0
