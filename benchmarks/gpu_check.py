@@ -74,6 +74,22 @@ def _bench(out: Path, sub: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "fastclu", "bench", "--no-plot", "--out", str(out / sub), *args]
 
 
+def find_cuda_home() -> str | None:
+    """The toolkit holding nvcc, in setup.py's order ($CUDA_HOME, $CUDA_PATH, PATH), then the
+    usual install folder (images often leave /usr/local/cuda/bin off PATH)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
+            return root
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parents[1])
+    for root in ("/usr/local/cuda", "/opt/cuda"):
+        if os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
+            return root
+    return None
+
+
 def phases(out: Path, archs: str | None) -> list[Phase]:
     """The run, in order of importance: correctness before speed, fast checks before slow ones."""
     py, me = sys.executable, str(HERE)
@@ -81,10 +97,16 @@ def phases(out: Path, archs: str | None) -> list[Phase]:
     build_env = {"FASTCLU_BUILD_CUDA": "1", "MAX_JOBS": jobs}
     if archs:
         build_env["FASTCLU_CUDA_ARCHS"] = archs
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:  # setup.py searches $CUDA_HOME, $CUDA_PATH, PATH: point it at the toolkit found
+        cuda_home = find_cuda_home()
+        if cuda_home:
+            build_env["CUDA_HOME"] = cuda_home
+        nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else "nvcc"
     return [
         Phase("env", [py, me, "env", "--out", str(out / "env.json")], 30, outputs=["env.json"],
               doc="device, driver, torch, triton, CUDA, nvcc versions, the command"),
-        Phase("build", [py, "setup.py", "build_ext", "--inplace"], 180, env=build_env, needs="nvcc",
+        Phase("build", [py, "setup.py", "build_ext", "--inplace"], 180, env=build_env, needs=nvcc,
               doc="fastclu._C for this GPU's compute capability (no downloads)"),
         Phase("info", [py, "-m", "fastclu", "info", "--json"], 30,
               doc="which backends are usable (the extension must import)"),
@@ -174,6 +196,8 @@ def gpu_archs() -> tuple[str | None, str | None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.outdir).resolve()
+    if args.dry_run:
+        print(f"[dry-run] phases in order, each under min(its timeout, budget left); budget {args.budget:.0f} s")
     archs, why = (None, "dry run") if args.dry_run else gpu_archs()
     plan = phases(out, archs)
     if args.only:
@@ -201,7 +225,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for p in plan:
         left = args.budget - (time.monotonic() - start)
         if args.dry_run:
-            print(f"[dry-run] {p.name:20s} timeout {p.timeout_s:4d}s  {p.doc}\n           $ {shlex.join(p.argv)}")
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in p.env.items())
+            print(f"[dry-run] {p.name:20s} timeout {p.timeout_s:4d}s  {p.doc}\n           $ {env + ' ' if env else ''}"
+                  f"{shlex.join(p.argv)}")  # fmt: skip
             records.append({"name": p.name, "doc": p.doc, "command": shlex.join(p.argv), "env": p.env,
                             "timeout_s": p.timeout_s, "status": "dry-run", "seconds": 0.0})  # fmt: skip
             continue
@@ -254,7 +280,8 @@ def environment() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
         "torch_cuda": torch.version.cuda, "triton": triton_version, "cuda_available": torch.cuda.is_available(),
-        "nvcc": _cmd_output(["nvcc", "--version"]),
+        "nvcc": _cmd_output([os.path.join(find_cuda_home() or "", "bin", "nvcc") if find_cuda_home() else "nvcc",
+                             "--version"]),
         "nvidia_smi": _cmd_output(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                                    "--format=csv,noheader"]),
         "compute_sanitizer": _cmd_output(["compute-sanitizer", "--version"]),
