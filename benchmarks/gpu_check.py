@@ -176,7 +176,38 @@ def run_phase(p: Phase, out: Path, timeout_s: float) -> dict[str, Any]:
             proc.wait()
             rc, status = None, "timeout"
     rec.update(status=status, returncode=rc, seconds=round(time.monotonic() - t0, 1))
+    rec["files"] = _written(out, p.outputs)
+    for f in rec["files"]:
+        if f.endswith(".xml"):
+            rec["junit"] = junit_counts(out / f)
     return rec
+
+
+def _written(out: Path, outputs: list[str]) -> list[str]:
+    """The files a phase left (an output folder is listed by its JSON files), relative to OUTDIR."""
+    found = []
+    for o in outputs:
+        path = out / o
+        if path.is_dir():
+            found += sorted(str(f.relative_to(out)) for f in path.glob("*.json"))
+        elif path.exists():
+            found.append(o)
+    return found
+
+
+def junit_counts(path: Path) -> dict[str, Any]:
+    """Totals of a pytest junit XML and the ids of the failed / errored tests (first 50)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    totals = {k: sum(int(su.get(k, 0)) for su in suites) for k in ("tests", "failures", "errors", "skipped")}
+    bad = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
+           if c.find("failure") is not None or c.find("error") is not None]  # fmt: skip
+    return totals | {"failed_ids": bad[:50]}
 
 
 def gpu_archs() -> tuple[str | None, str | None]:

@@ -76,3 +76,15 @@ def test_rebuild_counter_sees_table_builds(gc, tmp_path: Path) -> None:
     with gc.count_calls(gc.TABLE_BUILDERS["triton"]) as counts:
         gc.training_run("triton", 0, "cpu", stash_every=1)
     assert sum(counts.values()) > 0
+
+
+def test_junit_counts_and_written_files(gc, tmp_path: Path) -> None:
+    (tmp_path / "logs").mkdir()
+    test_file = tmp_path / "test_gc_tiny_sample.py"
+    test_file.write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n")
+    xml = tmp_path / "t.xml"
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), f"--junitxml={xml}"]
+    rec = gc.run_phase(gc.Phase("t", argv, 60, outputs=["t.xml"]), tmp_path, 60)
+    assert rec["status"] == "failed" and rec["files"] == ["t.xml"]
+    assert {k: rec["junit"][k] for k in ("tests", "failures", "errors")} == {"tests": 2, "failures": 1, "errors": 0}
+    assert len(rec["junit"]["failed_ids"]) == 1 and rec["junit"]["failed_ids"][0].endswith("::test_bad")
