@@ -61,9 +61,9 @@ NOTE = (
     "Host microseconds per step. fastclu rows: the real host path on tensors of the listed shapes, every kernel "
     "launch stubbed (a counting no-op; 'launches' = launches per step), once on the listed shapes (tensors='shapes') "
     "and once on as many one-element tensors (tensors='one_element', the torch rows' footing); torch ops outside the "
-    "kernels run for real on the CPU, so 'shapes' rows include their CPU compute and are upper bounds. torch rows: torch.optim.AdamW's REAL CPU step (fused=True or "
-    "foreach=True) on as many one-element tensors as the shape list has (kernel work negligible; 'launches' not "
-    "counted). On a machine without a GPU the triton path runs under TRITON_INTERPRET=1 and CPU host times stand "
+    "kernels run for real on the CPU, so 'shapes' rows include their CPU compute and are upper bounds. torch rows: "
+    "torch.optim.AdamW's REAL CPU step (fused=True or foreach=True) on as many one-element tensors as the shape "
+    "list has (kernel work negligible; 'launches' not counted). On a machine without a GPU the triton path runs under TRITON_INTERPRET=1 and CPU host times stand "
     "in for GPU host times: compare rows of one run, not runs of different machines."
 )
 
