@@ -17,7 +17,7 @@ Layout (one concern per module):
 - :mod:`~fastclu.bench.traffic`: bytes per element per case (the traffic model);
 - :mod:`~fastclu.bench.shapes`: ResNet-18, ViT-B/16 and GPT-2 124M parameter shape lists, size sweeps;
 - :mod:`~fastclu.bench.cases`: one module per op, named as the op (``cases/combine_step_.py``);
-- :mod:`~fastclu.bench.timer`: the one timer, peak memory, the copy roofline;
+- :mod:`~fastclu.bench.timer`: the one timer (device time; host time for ``--host``), peak memory, the copy roofline;
 - :mod:`~fastclu.bench.runner`: the op grid and DESIGN §5 targets;
 - :mod:`~fastclu.bench.e2e`: end-to-end SFR-on and P&M steps;
 - :mod:`~fastclu.bench.host`: host time per step with kernel launches stubbed (``--host``);

@@ -36,7 +36,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastclu.bench.shapes import gpt2_shapes, resnet18_shapes
-from fastclu.bench.timer import Step
+from fastclu.bench.timer import Step, host_times
 
 HOST_SCHEMA_VERSION = 1
 HOST_SHAPES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
@@ -243,14 +242,7 @@ TORCH_CASES = ("adamw", "amp")
 # Runner
 # --------------------------------------------------------------------------------------------
 def _time_us(step: Step, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
+    return statistics.median(host_times(step, warmup=warmup, repeats=repeats)) * 1e6
 
 
 def _row(case: str, impl: str, shapes_name: str, shapes: list[tuple[int, ...]], tensors: str) -> dict[str, Any]:

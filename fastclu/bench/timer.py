@@ -42,6 +42,19 @@ def time_fn(fn: Step, device: torch.device, *, warmup: int, repeats: int) -> lis
     return out
 
 
+def host_times(fn: Step, *, warmup: int, repeats: int) -> list[float]:
+    """Host seconds per call (``time.perf_counter``, no device synchronisation): what the Python
+    side of a step costs, whatever the device queues. Used with stubbed launches (``--host``)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def _peak_extra(fn: Step, device: torch.device) -> int | None:
     """Bytes allocated by one call above what was allocated before it (CUDA only)."""
     if device.type != "cuda":
