@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -22,6 +23,8 @@ _DELEGATED = {
     "bench": ("fastclu.bench", "benchmark the fused ops against their PyTorch formulations"),
 }
 _ENV_VARS = ("FASTCLU_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+# The optional extras of pyproject.toml and the modules each brings (import names).
+_EXTRAS = {"triton": ("triton",), "demo": ("sklearn", "matplotlib"), "hf": ("transformers", "peft", "accelerate")}
 
 
 def _version(module: str) -> str | None:
@@ -38,6 +41,11 @@ def _extension() -> dict[str, Any]:
     except ImportError as e:
         return {"built": False, "reason": f"{e.__class__.__name__}: {e}"}
     return {"built": True, "path": getattr(mod, "__file__", None)}
+
+
+def _extras() -> dict[str, list[str]]:
+    """Each optional extra -> the modules of it that are not installed (empty: installed)."""
+    return {name: [m for m in mods if importlib.util.find_spec(m) is None] for name, mods in _EXTRAS.items()}
 
 
 def _devices() -> list[dict[str, Any]]:
@@ -63,7 +71,8 @@ def collect_info() -> dict[str, Any]:
 
     Keys: ``fastclu``, ``python``, ``platform``, ``torch``, ``torch_cuda`` (CUDA version torch
     was built with, or None), ``cuda_available``, ``triton``, ``numpy``, ``extension``
-    (``{"built": bool, "path"|"reason": str}``), ``devices`` (list of dicts), ``backends``
+    (``{"built": bool, "path"|"reason": str}``), ``extras`` (extra name -> its modules that are
+    not installed), ``devices`` (list of dicts), ``backends``
     (name -> None if usable, else the reason), ``env`` (the relevant environment variables).
     """
     import torch
@@ -81,6 +90,7 @@ def collect_info() -> dict[str, Any]:
         "triton": _version("triton"),
         "numpy": _version("numpy"),
         "extension": _extension(),
+        "extras": _extras(),
         "devices": _devices(),
         "backends": fastclu.backends(),
         "env": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
@@ -100,6 +110,12 @@ def format_info(info: dict[str, Any]) -> str:
         f"triton    {info['triton'] or 'not installed'}",
         f"numpy     {info['numpy'] or 'not installed'}",
         f"fastclu._C  {'built: ' + str(ext['path']) if ext['built'] else 'not built (' + ext['reason'] + ')'}",
+        "extras    "
+        + ", ".join(
+            f"{name}: "
+            + ("installed" if not missing else f"missing {' '.join(missing)} (pip install 'fastclu[{name}]')")
+            for name, missing in info["extras"].items()
+        ),
         "devices:",
     ]
     for d in info["devices"]:

@@ -96,10 +96,19 @@ def test_runtime_metadata(pyproject: dict) -> None:
     proj = pyproject["project"]
     deps = {_req_name(r): r for r in proj["dependencies"]}
     assert re.fullmatch(r"torch\s*>=\s*2\.6", deps["torch"])
-    assert "platform_system" in deps["triton"] and "Linux" in deps["triton"]
-    for name in ("numpy", "tqdm", "matplotlib", "scikit-learn"):
-        assert name in deps
-    assert {_req_name(r) for r in proj["optional-dependencies"]["test"]} >= {"pytest", "pytest-benchmark", "ruff"}
+    # Core: what import fastclu needs (issue 11); triton and the demo's packages moved to extras.
+    assert set(deps) == {"torch", "numpy", "tqdm"}
+    extras = proj["optional-dependencies"]
+    (triton,) = extras["triton"]
+    assert "platform_system" in triton and "Linux" in triton
+    for name in ("matplotlib", "scikit-learn"):
+        assert name in {_req_name(r) for r in extras["demo"]}
+    assert {_req_name(r) for r in extras["hf"]} == {"transformers", "peft", "accelerate"}
+    test = {_req_name(r): r for r in extras["test"]}
+    assert set(test) >= {"pytest", "pytest-benchmark", "ruff", "hypothesis", "scikit-learn", "matplotlib"}
+    assert set(test) >= {"transformers", "peft", "accelerate", "triton"} and "Linux" in test["triton"]
+    assert re.search(r"<\s*0\.18", test["ruff"]) and re.search(r">=\s*0\.17", test["ruff"])
+    assert proj["requires-python"] == ">=3.11"
     assert proj["scripts"]["fastclu"] == "fastclu.cli:main"
     assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastclu.__version__"}
     assert pyproject["tool"]["ruff"]["line-length"] == 120
