@@ -10,8 +10,8 @@ Every method is written as *role gradients* combined in one fused optimizer step
 
 ===========  ==========================================================================
 ``ga``       ``forget``: mean sequence NLL on the forget batch; step ``{"forget": -w_f}``
-``graddiff`` ``ga`` plus the retain NLL left in ``.grad``: ``{"forget": -w_f, "grad": w_r}``
-``npo``      ``forget``: NPO loss (descended) plus the retain NLL: ``{"forget": w_f, "grad": w_r}``
+``graddiff`` ``ga`` plus ``retain``, the retain NLL: ``{"forget": -w_f, "retain": w_r}``
+``npo``      ``forget``: NPO loss (descended) plus the retain NLL: ``{"forget": w_f, "retain": w_r}``
 ``sfron``    SFR-on's official loop: every iteration a retain step; every ``K``-th a forget step
              before it: adaptively weighted NLL ascent, ``-alpha_f(t)``, saliency-masked and
              clipped (``{"forget": -alpha_f(t)}``, ``clip=``)
@@ -308,10 +308,16 @@ class RoleStepper:
     def retain_backward(
         self, model: nn.Module, batch: Mapping[str, Tensor], scale: float = 1.0, autocast: Any = nullcontext
     ) -> Tensor:
-        """Backward of the retain NLL on one micro-batch, left in ``.grad``; returns the loss (detached)."""
+        """Backward of the retain NLL on one micro-batch; returns the loss (detached).
+
+        Stashed under ``"retain"`` (so the next micro-batch's forget backward does not add into
+        it), except for ``sfron``, whose retain step is a plain step on ``.grad``.
+        """
         with autocast():
             loss = sequence_nll(model, batch).mean()
         (loss * scale).backward()
+        if self.config.method != "sfron":
+            self.opt.stash("retain")
         return loss.detach()
 
     def uses_retain(self) -> bool:
@@ -330,9 +336,9 @@ class RoleStepper:
         if c.method == "ga":
             return {"forget": -c.forget_weight}, c.clip
         if c.method == "graddiff":
-            return {"forget": -c.forget_weight, "grad": c.retain_weight}, c.clip
+            return {"forget": -c.forget_weight, "retain": c.retain_weight}, c.clip
         if c.method == "npo":
-            return {"forget": c.forget_weight, "grad": c.retain_weight}, c.clip
+            return {"forget": c.forget_weight, "retain": c.retain_weight}, c.clip
         return {"grad": 1.0}, None  # sfron's retain step: plain, unclipped (official)
 
 
