@@ -155,7 +155,8 @@ def check_reference(model: nn.Module, ref_model: nn.Module) -> None:
     if not isinstance(ref_model, nn.Module):
         raise TypeError(f"ref_model must be a torch.nn.Module, got {type(ref_model).__name__}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    want = {k: tuple(v.shape) for k, v in base.state_dict().items() if "lora_" not in k}
+    # peft keeps the wrapped weight as "<name>.base_layer.weight" next to its "lora_*" tensors.
+    want = {k.replace(".base_layer", ""): tuple(v.shape) for k, v in base.state_dict().items() if "lora_" not in k}
     got = {k: tuple(v.shape) for k, v in ref_model.state_dict().items()}
     if type(ref_model) is not type(base) or want != got:
         diff = sorted(set(want.items()) ^ set(got.items()))[:3]

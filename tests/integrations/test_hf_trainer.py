@@ -213,3 +213,21 @@ def test_perturb_merge_under_trainer(tmp_path, callback: bool) -> None:
 def test_perturbation_callback_rejects_other_optimizers() -> None:
     with pytest.raises(TypeError, match="wrapper"):
         PerturbationCallback(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+
+
+def test_sfron_trainer_on_lora_masks_and_moves_only_the_adapter(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.0))
+    frozen = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}
+    adapter = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+    cfg = LMUnlearnConfig(alpha_f=2.0, forget_every=1)
+    tr = UnlearningTrainer(lora, _args(tmp_path, max_steps=2, learning_rate=1e-2), forget_dataset=_data(8, 1),
+                           retain_dataset=_data(8, 2), method="sfron", config=cfg, mask_batches=1)  # fmt: skip
+    tr.train()
+    inner = tr.optimizer.optimizer.optimizer  # AcceleratedOptimizer -> RoleStep -> fastclu AdamW
+    masked = [p for g in inner.param_groups for p in g["params"] if "mask" in inner.state[p]]
+    assert len(masked) == len(adapter) and 0.0 < tr.mask_density <= 1.0
+    for n, p in tr.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+    assert any(not torch.equal(p.detach(), adapter[n]) for n, p in tr.model.named_parameters() if n in adapter)

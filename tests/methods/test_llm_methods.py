@@ -158,3 +158,12 @@ def test_bad_config_and_reference_are_refused() -> None:
     with pytest.raises(ValueError, match="input_ids"):
         unlearn_lm(model, [{"labels": torch.zeros(2, 3, dtype=torch.long)}], _batches(1, 2, 1), LMUnlearnConfig(),
                    SGD(model.parameters(), lr=0.1), 1)  # fmt: skip
+
+
+def test_reference_of_a_lora_model_may_be_its_plain_architecture() -> None:
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.0))
+    ref = reference_for(lora, _model(seed=1))  # same architecture as the base: accepted
+    assert ref(_batches(1, 2, 0)[0]).shape == (2,)
+    with pytest.raises(ValueError, match="ref_model"):
+        reference_for(lora, _model(n_embd=8))
