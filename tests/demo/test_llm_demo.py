@@ -15,7 +15,7 @@ from fastclu.demo.llm import make_facts
 
 @pytest.fixture
 def one_thread():
-    old = torch.get_num_threads()
+    old = torch.get_num_threads()  # main() sets --threads (default 1); restore it afterwards
     yield
     torch.set_num_threads(old)
 

@@ -15,6 +15,15 @@ from fastclu.optim import AdamW, PerturbMerge, RandomPerturb
 VOCAB, LEN = 40, 8
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is much faster than several on a shared CPU (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _model(seed: int = 0, n_embd: int = 32) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=VOCAB, n_positions=16,
@@ -104,14 +113,14 @@ def test_sfron_trainer_resumes_bit_identically(tmp_path) -> None:
     cfg = LMUnlearnConfig(alpha_f=2.0, forget_every=2, gamma=1.0)
 
     def trainer(out, **kw):
-        args = _args(out, max_steps=6, gradient_accumulation_steps=2, max_grad_norm=1.0, **kw)
+        args = _args(out, max_steps=4, gradient_accumulation_steps=2, max_grad_norm=1.0, **kw)
         return UnlearningTrainer(_model(), args, forget_dataset=forget, retain_dataset=retain, method="sfron",
                                  config=cfg, mask_batches=2)  # fmt: skip
 
-    full = trainer(tmp_path / "a", save_strategy="steps", save_steps=3)
+    full = trainer(tmp_path / "a", save_strategy="steps", save_steps=2)
     full.train()
     assert 0.0 < full.mask_density < 1.0
-    ckpt = tmp_path / "a" / "checkpoint-3"
+    ckpt = tmp_path / "a" / "checkpoint-2"
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert all("mask" in st for st in saved["state"].values())
     assert saved["param_groups"][0]["mask_roles"] == ["forget"]

@@ -26,6 +26,15 @@ from fastclu.optim import SGD, AdamW
 VOCAB, LEN = 30, 7
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is much faster than several on a shared CPU (restored after)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _model(seed: int = 0, n_embd: int = 16) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=1, n_embd=n_embd, n_head=2, vocab_size=VOCAB, n_positions=16,
