@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from fastclu.integrations.hf import PerturbationCallback, UnlearningTrainer
 from fastclu.methods.llm import LMUnlearnConfig, sequence_nll
-from fastclu.optim import AdamW, PerturbMerge, RandomPerturb
+from fastclu.optim import AdamW, FastSlow, PerturbMerge, RandomPerturb
 
 VOCAB, LEN = 40, 8
 
@@ -136,9 +136,12 @@ def test_bf16_autocast_runs(tmp_path) -> None:
         pytest.skip("no CPU bf16 autocast")
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda mod, a, out: dtypes.append(out.dtype))
     args = _args(tmp_path, max_steps=2, bf16=True)
     tr = UnlearningTrainer(model, args, forget_dataset=_data(8, 5), retain_dataset=_data(8, 6), method="npo")
     tr.train()
+    assert torch.bfloat16 in dtypes  # the role forwards ran under autocast
     ps = list(tr.model.parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in ps)
     assert any(not torch.equal(p.detach(), b) for p, b in zip(ps, before))
@@ -240,3 +243,13 @@ def test_sfron_trainer_on_lora_masks_and_moves_only_the_adapter(tmp_path) -> Non
         if n in frozen:
             assert torch.equal(p.detach(), frozen[n]), n
     assert any(not torch.equal(p.detach(), adapter[n]) for n, p in tr.model.named_parameters() if n in adapter)
+
+
+def test_fastslow_under_trainer_needs_no_window(tmp_path) -> None:
+    model = _model()
+    wrapper = FastSlow(AdamW(model.parameters(), lr=1e-2), k=2, beta=0.5)
+    tr = Trainer(model, _args(tmp_path, max_steps=4), train_dataset=_data(16, 1), optimizers=(wrapper, None))
+    tr.train()
+    assert wrapper.step_count == 4
+    # Right after a sync (step 4 is one) the fast weights are the slow weights.
+    assert all(torch.equal(p.detach(), s) for p, s in zip(wrapper.params(), wrapper.slow_weights()))
