@@ -263,7 +263,7 @@ def format_table(res: dict) -> str:
 
 
 def plot(res: dict, path: str) -> None:
-    """Bar charts of forget / retain accuracy and MIA per model, saved as PNG."""
+    """Bar charts of forget / retain accuracy and held-out loss per model (retrain dashed), saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
