@@ -364,6 +364,8 @@ def plot(res: dict, path: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastclu demo", description=__doc__.split("\n")[0])
+    p.add_argument("--scenario", choices=["digits", "llm"], default="digits",
+                   help="digits (default) or llm (tiny GPT-2; see fastclu demo --scenario llm --help)")  # fmt: skip
     p.add_argument("--out", default="fastclu-demo", help="output directory (default ./fastclu-demo)")
     p.add_argument("--seed", type=int, default=0, help="data split, initialisation and sampling seed")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")

@@ -128,6 +128,7 @@ class PerturbMerge(OptimizerWrapper):
         self._backup: dict[Tensor, Tensor] = {}  # transient, not saved
         self._inside = False
         self._pending: list[Tensor] | None = None  # params whose restore was folded into the next step
+        self._window_opened = False  # perturbed() entered since the last step() (see _refuse_unperturbed_step)
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"eps": self.eps, "probs": self.probs, "seed": self.seed, "task": self.task}
@@ -168,6 +169,7 @@ class PerturbMerge(OptimizerWrapper):
         if self._inside:
             raise RuntimeError("PerturbMerge.perturbed() is already active (it does not nest)")
         self._flush()
+        self._window_opened = True
         params = [p for p in self.params() if "anchor" in self._pp.get(p, {})]
         k = self._draw() if params else 0
         self.last_k = k
@@ -228,6 +230,9 @@ class PerturbMerge(OptimizerWrapper):
         if closure is not None:
             with torch.enable_grad(), self.perturbed():
                 loss = closure()
+        else:
+            self._refuse_unperturbed_step()
+        self._window_opened = False
         if self._pending is not None:
             pend, self._pending = self._pending, None
             # Fold: the update reads theta from the backup and writes params, so params never
@@ -243,6 +248,26 @@ class PerturbMerge(OptimizerWrapper):
         else:
             self.optimizer.step(**kwargs)
         return loss
+
+    def _refuse_unperturbed_step(self) -> None:
+        """Raise when gradients exist and a perturbation is due (a task vector exists, ``eps > 0``,
+        ``p0 < 1``) but :meth:`perturbed` was not entered since the last step: a loop passing no
+        closure (HF ``Trainer`` without :class:`fastclu.integrations.hf.PerturbationCallback`)
+        would otherwise silently train at the unperturbed weights."""
+        if getattr(self, "_window_opened", False) or self.eps == 0.0 or self.probs[0] >= 1.0:
+            return
+        params = self.params()
+        if not any("anchor" in self._pp.get(p, {}) for p in params):
+            return
+        stashed = getattr(self.optimizer, "stashed_roles", None)
+        if not any(p.grad is not None for p in params) and not (callable(stashed) and stashed()):
+            return
+        raise RuntimeError(
+            "PerturbMerge.step() got gradients but perturbed() was not entered since the last step: they were "
+            "taken at the unperturbed weights. Run forward/backward inside `with opt.perturbed():`, pass a "
+            "closure to step(), or with transformers.Trainer add "
+            "fastclu.integrations.hf.PerturbationCallback(opt) to the callbacks."
+        )
 
     def fisher_trace(self) -> Tensor:
         """Trace (sum over every element) of the current task's mean Fisher, fp32 0-d tensor.

@@ -122,6 +122,7 @@ class RandomPerturb(OptimizerWrapper):
         # Transient (not saved: a checkpoint is taken with the noise removed).
         self._applied: list[tuple[list[Tensor], float, int, list[Tensor] | None]] | None = None
         self._backup: dict[Tensor, Tensor] = {}
+        self._window_opened = False  # noise applied since the last step() (see _refuse_unperturbed_step)
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"rho": self.rho, "schedule": self.schedule, "total_steps": self.total_steps, "exact": self.exact}
@@ -178,6 +179,7 @@ class RandomPerturb(OptimizerWrapper):
             self.remove_noise()
             raise
         self._applied = applied
+        self._window_opened = True
 
     def remove_noise(self) -> None:
         """Take the noise back out (bit-exact with ``exact=True``); no-op when none is applied."""
@@ -210,10 +212,35 @@ class RandomPerturb(OptimizerWrapper):
             self.remove_noise()
             with torch.enable_grad(), self.perturbed():
                 loss = closure()
+        else:
+            self._refuse_unperturbed_step()
         self.remove_noise()
         self.optimizer.step(**kwargs)
         self.step_count += 1
+        self._window_opened = False
         return loss
+
+    def _refuse_unperturbed_step(self) -> None:
+        """Raise when gradients exist, noise is due, but none was applied since the last step.
+
+        That is what a training loop that passes no closure and never opens the window (HF
+        ``Trainer`` without :class:`fastclu.integrations.hf.PerturbationCallback`) would do: it
+        would silently train at the clean weights.
+        """
+        if getattr(self, "_window_opened", False):
+            return
+        f = self.ramp()
+        if all(f * float(g["rho"]) == 0.0 for g in self.param_groups):
+            return
+        stashed = getattr(self.optimizer, "stashed_roles", None)
+        if not any(p.grad is not None for p in self.params()) and not (callable(stashed) and stashed()):
+            return
+        raise RuntimeError(
+            "RandomPerturb.step() got gradients but no noise was applied since the last step: they were taken "
+            "at the clean weights. Open the window around forward/backward (`with opt.perturbed():` or "
+            "apply_noise()), pass a closure to step(), or with transformers.Trainer add "
+            "fastclu.integrations.hf.PerturbationCallback(opt) to the callbacks."
+        )
 
     # -- state_dict ------------------------------------------------------------------------------
     def _before_state_dict(self) -> None:

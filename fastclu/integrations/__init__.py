@@ -1,0 +1,4 @@
+"""Integrations with training frameworks (optional dependencies, imported on demand).
+
+``fastclu.integrations.hf``: Hugging Face ``Trainer`` (``pip install fastclu[hf]``).
+"""
