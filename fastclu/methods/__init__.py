@@ -12,6 +12,7 @@ from fastclu.methods.clu import ug_clu
 from fastclu.methods.common import MethodResult, make_mlp
 from fastclu.methods.ewc import ewc
 from fastclu.methods.pnm import perturb_and_merge
+from fastclu.methods.pnm_lora import pnm_lora
 from fastclu.methods.salun import salun, salun_mask
 from fastclu.methods.sfron import balanced_mask, sfron
 
@@ -25,6 +26,7 @@ __all__ = [
     "make_mlp",
     "naive_sequential",
     "perturb_and_merge",
+    "pnm_lora",
     "retrain",
     "salun",
     "salun_mask",
