@@ -9,6 +9,7 @@ A LoRA layer computes ``y = x W^T + s * (x A^T) B^T (+ bias)`` with the frozen b
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,10 +122,9 @@ def find_lora_layers(model: nn.Module) -> list[LoRAPair]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover (peft is optional)
-        LoraLayer = ()
+    # A model can only hold peft layers when peft is imported: do not pay its import otherwise.
+    lora_mod = sys.modules.get("peft.tuners.lora") if "peft" in sys.modules else None
+    LoraLayer = getattr(lora_mod, "LoraLayer", ()) if lora_mod is not None else ()
     pairs = []
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
