@@ -291,6 +291,60 @@ def run_seeds_demo(*, seed: int = 0, quick: bool = False, threads: int = 1) -> d
     return res
 
 
+_MEMORY_CHILD = """
+import json, os, resource, sys
+import torch
+from torch import nn
+from fastclu.soup import mehl_soup
+torch.set_num_threads(1)
+mode, d, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+model = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 10))
+g = torch.Generator().manual_seed(0)
+batch = (torch.randn(64, d, generator=g), torch.randint(0, 10, (64,), generator=g))
+model(batch[0]).sum().backward()
+model.zero_grad(set_to_none=True)
+base = rss()
+ings = paths if mode == "stream" else [torch.load(p, weights_only=True) for p in paths]
+res = mehl_soup(model, ings, [batch], block_size=3, epochs=1, steps_per_block=2)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak, "counted": res.info["peak_held_bytes"]}))
+"""
+
+
+def measure_soup_memory(k: int = 12, width: int = 1024) -> dict:
+    """Peak RSS growth of MEHL-Soup over ``k`` ingredients of a ``64 x width x width x 10``-ish MLP.
+
+    Two child processes run the same soup (block 3, one epoch): one streams the ingredients
+    from ``torch.save`` files through ``torch.load(mmap=True)``, the other first loads all ``k``
+    into memory. Each reports ``ru_maxrss`` (peak resident set) minus its RSS just before the
+    soup (after imports and one forward/backward), in MB, and the bytes the soup counts itself.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        g = torch.Generator().manual_seed(0)
+        paths = []
+        for j in range(k):
+            m = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+            paths.append(str(Path(tmp) / f"ingredient{j}.pt"))
+            torch.save({n: p.detach() for n, p in m.named_parameters()}, paths[-1])
+        one = sum(p.numel() * 4 for p in m.parameters())
+        out = {"K": k, "ingredient_MB": one / 2**20}
+        for mode in ("stream", "all"):
+            r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, str(width), *paths], capture_output=True,
+                               text=True, timeout=300, check=True)  # fmt: skip
+            v = json.loads(r.stdout.strip().splitlines()[-1])
+            out[f"{mode}_peak_rss_growth_MB"] = (v["peak"] - v["base"]) / 2**20
+            out[f"{mode}_counted_MB"] = v["counted"] / 2**20
+    return out
+
+
 def _f(v: object) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -341,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="directory for seeds_seed{N}.json")
     p.add_argument("--quick", action="store_true", help="tiny step counts (seconds; for tests)")
+    p.add_argument("--soup-memory", type=int, default=0, metavar="K",
+                   help="only measure MEHL-Soup's peak RSS with K ingredients, streamed vs all loaded")  # fmt: skip
     a = p.parse_args(argv)
+    if a.soup_memory:
+        print(json.dumps(measure_soup_memory(a.soup_memory), indent=1))
+        return 0
     res = run_seeds_demo(seed=a.seed, quick=a.quick)
     print(format_tables(res))
     if a.out is not None:
