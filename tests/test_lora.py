@@ -119,10 +119,14 @@ def test_flat_lora_noise_matches_formula_regenerates_and_restores_bit_exact(dtyp
     flat.close()
 
 
-def test_flat_lora_with_torch_optimizer_trains_only_adapters() -> None:
+@pytest.mark.parametrize("kind", ["torch", "fastclu"])
+def test_flat_lora_with_torch_and_fastclu_optimizers_trains_only_adapters(kind: str) -> None:
+    from fastclu.optim import SGD
+
     model = _plain(seed=_seed())
     base = [p.weight.detach().clone() for p in find_lora_layers(model)]
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    cls = torch.optim.SGD if kind == "torch" else SGD
+    opt = cls([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     flat = FlatLoRA(model, rho=0.05, total_steps=5, seed=1)
     flat.attach(opt)
     x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
@@ -176,3 +180,14 @@ def test_flat_lora_memory_saving_and_errors() -> None:
         flat.state_dict()
     flat.close()
     assert isinstance(model[0], LoRALinear)
+
+
+def test_flat_lora_on_peft_layers_sigma_and_exact_restore() -> None:
+    model = _peft(_seed())
+    flat = FlatLoRA(model, rho=0.1, schedule="constant", seed=_seed())
+    clean = [w.detach().clone() for w in flat.weights]
+    for s, w, dense in zip(flat.sigmas(), flat.weights, _dense_norms(flat.pairs)):
+        torch.testing.assert_close(s.double(), 0.1 * dense / math.sqrt(w.shape[1]), rtol=2e-6, atol=1e-8)
+    with flat.perturbed():
+        assert all(not torch.equal(w.detach(), c) for w, c in zip(flat.weights, clean))
+    assert all(torch.equal(w.detach(), c) for w, c in zip(flat.weights, clean))
