@@ -150,3 +150,18 @@ def test_nonfinite_fisher_raises_naming_the_task_weights_untouched() -> None:
         pnm_lora(m, _tasks(7), probs=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="merge"):
         pnm_lora(m, _tasks(7), merge="avg")
+
+
+def test_merge_task_nonfinite_task_vector_leaves_weights_and_sums_untouched() -> None:
+    pairs = find_lora_layers(_model(_seed()))
+    _random_adapters(pairs, torch.Generator().manual_seed(_seed()))
+    sums = {"F": [], "Ftheta": []}
+    merge_task_(pairs, [torch.rand(p.weight.shape) for p in pairs], sums, 0)
+    before = [p.weight.detach().clone() for p in pairs]
+    saved = [t.clone() for t in sums["F"]]
+    with torch.no_grad():
+        pairs[1].A[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="task 1: the task vector"):
+        merge_task_(pairs, [torch.rand(p.weight.shape) for p in pairs], sums, 1)
+    assert all(torch.equal(p.weight.detach(), w) for p, w in zip(pairs, before))
+    assert all(torch.equal(a, b) for a, b in zip(sums["F"], saved))

@@ -112,3 +112,17 @@ def test_bad_arguments_and_no_grad() -> None:
     w.grad = torch.randn(3).to_sparse()
     with pytest.raises(TypeError, match="sparse"):
         opt.step()
+
+
+def test_inside_a_fastclu_wrapper() -> None:
+    from fastclu.optim import RandomPerturb
+
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    opt = RandomPerturb(CLASSP([w], threshold=0.0), rho=0.1, schedule="constant", seed=3)
+    clean = w.detach().clone()
+    with opt.perturbed():
+        (w**2).sum().backward()
+    assert torch.equal(w.detach(), clean)
+    opt.step()
+    assert not torch.equal(w.detach(), clean)
+    assert "acc" in opt.state_dict()["state"][0]
