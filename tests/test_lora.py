@@ -191,3 +191,25 @@ def test_flat_lora_on_peft_layers_sigma_and_exact_restore() -> None:
     with flat.perturbed():
         assert all(not torch.equal(w.detach(), c) for w, c in zip(flat.weights, clean))
     assert all(torch.equal(w.detach(), c) for w, c in zip(flat.weights, clean))
+
+
+def test_attach_with_model_opens_at_training_forward_only() -> None:
+    model = _plain(seed=_seed())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    flat = FlatLoRA(model, rho=0.1, schedule="constant", seed=2)
+    flat.attach(opt, model)
+    clean = flat.weights[0].detach().clone()
+    x, y = torch.randn(4, 12), torch.randint(0, 5, (4,))
+    for _ in range(2):  # gradient accumulation: one noise for both forwards
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert flat.is_open and not torch.equal(flat.weights[0].detach(), clean)
+    opt.step()
+    assert not flat.is_open and flat.t == 1 and torch.equal(flat.weights[0].detach(), clean)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert not flat.is_open
+    flat.detach()
+    model.train()
+    model(x)
+    assert not flat.is_open

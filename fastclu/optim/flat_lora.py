@@ -163,10 +163,24 @@ class FlatLoRA:
         self.close()
         self.t += 1
 
-    def attach(self, optimizer: Optimizer) -> None:
-        """Hook ``optimizer.step``: open noise is removed before each update and the step is counted after."""
+    def attach(self, optimizer: Optimizer, model: nn.Module | None = None) -> None:
+        """Hook ``optimizer.step``: open noise is removed before each update and the step is counted after.
+
+        With ``model``, also a forward pre-hook on it that opens the step's noise at the first
+        forward in training mode (``model.training``) when none is open: a loop that never calls
+        :meth:`open` (HF Trainer, Lightning) then trains Flat-LoRA with no other change; all
+        forwards of one step (gradient accumulation) see the same noise, and eval-mode forwards
+        none (the noise is closed by the preceding ``optimizer.step``).
+        """
         self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.close()))
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+        if model is not None:
+
+            def open_if_training(mod: nn.Module, _args: object) -> None:
+                if mod.training and self._open is None:
+                    self.open()
+
+            self._hooks.append(model.register_forward_pre_hook(open_if_training))
 
     def detach(self) -> None:
         """Remove the hooks of :meth:`attach`."""
