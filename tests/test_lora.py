@@ -213,3 +213,19 @@ def test_attach_with_model_opens_at_training_forward_only() -> None:
     model.train()
     model(x)
     assert not flat.is_open
+
+
+def test_attach_through_an_accelerate_wrapped_optimizer() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = _plain(seed=_seed())
+    inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    opt = accelerate.Accelerator(cpu=True).prepare(inner)
+    assert not hasattr(opt, "_optimizer_step_pre_hooks")  # why attach() unwraps it
+    flat = FlatLoRA(model, rho=0.1, schedule="constant", seed=2)
+    flat.attach(opt, model)
+    clean = flat.weights[0].detach().clone()
+    nn.functional.cross_entropy(model(torch.randn(4, 12)), torch.randint(0, 5, (4,))).backward()
+    assert flat.is_open
+    opt.step()
+    assert not flat.is_open and flat.t == 1 and torch.equal(flat.weights[0].detach(), clean)
+    flat.detach()

@@ -172,8 +172,17 @@ class FlatLoRA:
         forwards of one step (gradient accumulation) see the same noise, and eval-mode forwards
         none (the noise is closed by the preceding ``optimizer.step``).
         """
-        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.close()))
-        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.step()))
+        target = optimizer
+        # accelerate's AcceleratedOptimizer (HF Trainer) subclasses Optimizer without its hook
+        # machinery and calls the inner optimizer's step: hook the inner one.
+        while not hasattr(target, "_optimizer_step_pre_hooks") and hasattr(target, "optimizer"):
+            target = target.optimizer
+        if not hasattr(target, "_optimizer_step_pre_hooks"):
+            raise TypeError(
+                f"attach: {type(optimizer).__name__} supports no step hooks (nor wraps an optimizer that does)"
+            )
+        self._hooks.append(target.register_step_pre_hook(lambda *_: self.close()))
+        self._hooks.append(target.register_step_post_hook(lambda *_: self.step()))
         if model is not None:
 
             def open_if_training(mod: nn.Module, _args: object) -> None:
