@@ -229,3 +229,33 @@ def test_attach_through_an_accelerate_wrapped_optimizer() -> None:
     opt.step()
     assert not flat.is_open and flat.t == 1 and torch.equal(flat.weights[0].detach(), clean)
     flat.detach()
+
+
+@pytest.mark.slow
+def test_flat_lora_under_hf_trainer(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    seen: list[bool] = []
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 5))
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+            seen.append(flat.is_open)
+            logits = self.body(x)
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    model = Net()
+    add_lora(model.body, r=2, alpha=4.0, select=lambda n, _: n == "0")
+    flat = FlatLoRA(model, rho=0.1, schedule="constant", seed=1)
+    g = torch.Generator().manual_seed(0)
+    ds = [{"x": torch.randn(12, generator=g), "labels": torch.tensor(i % 5)} for i in range(16)]
+    w0 = find_lora_layers(model)[0].weight.detach().clone()
+    a0 = find_lora_layers(model)[0].A.detach().clone()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no")  # fmt: skip
+    transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[flat.hf_callback()]).train()
+    assert seen == [True, True, True] and flat.t == 3 and not flat.is_open
+    assert torch.equal(find_lora_layers(model)[0].weight.detach(), w0)
+    assert not torch.equal(find_lora_layers(model)[0].A.detach(), a0)

@@ -191,6 +191,26 @@ class FlatLoRA:
 
             self._hooks.append(model.register_forward_pre_hook(open_if_training))
 
+    def hf_callback(self) -> Any:
+        """A ``transformers.TrainerCallback`` that calls ``attach(optimizer, model)`` at train begin.
+
+        ``Trainer(..., callbacks=[flat.hf_callback()])`` then trains Flat-LoRA unchanged
+        otherwise (imports transformers only when called).
+        """
+        from transformers import TrainerCallback
+
+        flat = self
+
+        class FlatLoRACallback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                flat.attach(kwargs["optimizer"], kwargs["model"])
+
+            def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                flat.close()
+                flat.detach()
+
+        return FlatLoRACallback()
+
     def detach(self) -> None:
         """Remove the hooks of :meth:`attach`."""
         for h in self._hooks:
