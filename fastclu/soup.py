@@ -30,15 +30,13 @@ here the model's parameters are written in place.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from fastclu.methods.common import cycle
 
 __all__ = ["SoupResult", "load_ingredient", "mehl_soup", "uniform_soup"]
 
@@ -72,6 +70,17 @@ def _targets(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     if not named:
         raise ValueError("model has no floating-point parameters to soup")
     return [n for n, _ in named], [p for _, p in named]
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    """Endless passes over ``loader`` (kept here: the soup sits below fastclu.methods)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("loader is empty")
 
 
 def _nbytes(xs: Iterable[Tensor]) -> int:
@@ -165,7 +174,7 @@ def mehl_soup(
     one = _nbytes(c)
     peak = 2 * one  # c plus the summand being added in uniform_soup
     gen = torch.Generator().manual_seed(seed)
-    it = cycle(loader)
+    it = _cycle(loader)
     losses: list[float] = []
     steps = 0
     dev = params[0].device
