@@ -8,12 +8,15 @@ thing) and nests its own state under one key of the inner optimizer's ``state_di
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
+
+from fastclu._scalars import check_scalar
 
 __all__ = ["OptimizerWrapper"]
 
@@ -165,6 +168,8 @@ class OptimizerWrapper(Optimizer):
 
 
 def _int(name: str, x: object, lo: int) -> int:
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+        x = int(x)  # numpy integers
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     if x < lo:
@@ -173,8 +178,4 @@ def _int(name: str, x: object, lo: int) -> int:
 
 
 def _float(name: str, x: object, lo: float, hi: float) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    if not lo <= float(x) <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
-    return float(x)
+    return float(check_scalar(name, x, lo=lo, hi=hi, tensor_ok=False))

@@ -62,11 +62,10 @@ class FastSlow(OptimizerWrapper):
         """The slow weights aligned with :meth:`params` (None where not yet initialised)."""
         return [self._slow.get(p) for p in self.params()]
 
-    def _init_slow(self) -> None:
+    def _new_slow(self) -> dict[Tensor, Tensor]:
+        """Slow weights for parameters seen for the first time (not recorded until the step succeeds)."""
         with torch.no_grad():
-            for p in self.params():
-                if p not in self._slow:
-                    self._slow[p] = p.detach().to(_slow_dtype(p), copy=True)
+            return {p: p.detach().to(_slow_dtype(p), copy=True) for p in self.params() if p not in self._slow}
 
     def sync_(self) -> None:
         """Sync now: ``slow += beta * (fast - slow); fast = slow`` for every initialised parameter."""
@@ -77,9 +76,17 @@ class FastSlow(OptimizerWrapper):
                                backend=self.backend)  # fmt: skip
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        """Inner step (``closure`` and keywords passed through), then a sync every ``k``-th call."""
-        self._init_slow()
+        """Inner step (``closure`` and keywords passed through), then a sync every ``k``-th call.
+
+        ``k`` and ``beta`` are re-checked first (they may have been edited). Slow weights of
+        parameters seen for the first time are copied before the inner step but recorded only
+        once it returns, so a step that raises leaves the wrapper as it was.
+        """
+        _int("k", self.k, 1)
+        _float("beta", self.beta, 0.0, 1.0)
+        new = self._new_slow()
         loss = self._inner_step(closure, **kwargs)
+        self._slow.update(new)
         self.step_count += 1
         if self.step_count % self.k == 0:
             self.sync_()
