@@ -52,22 +52,22 @@ def check_scalar(
     nonzero: bool = False,
     tensor_ok: bool = True,
     sync_ok: bool = False,
+    invalid: str | None = None,
 ) -> float | Tensor:
     """``x`` as a ``float`` (numbers) or a 0-d tensor (1-element tensors), after checking it.
 
     Raises ``TypeError`` for a non-number, ``ValueError`` for a non-finite value or one out of
     ``[lo, hi]`` (``lo_open``/``hi_open`` make a bound strict; ``nonzero`` refuses 0), naming
-    ``name`` and the expected range. Tensors are returned reshaped to 0-d, not copied.
+    ``name`` and the expected range (``invalid``, e.g. torch's "Invalid learning rate", starts
+    the message where torch's wording is kept). Tensors are returned reshaped to 0-d, not copied.
     """
     if isinstance(x, Tensor):
         if not tensor_ok:
             raise TypeError(f"{name} must be a number, got a tensor")
-        if x.numel() != 1 or not x.is_floating_point():
-            raise TypeError(
-                f"{name} must be a number or a 1-element floating tensor, got {x.dtype} of shape {tuple(x.shape)}"
-            )
-        if x.is_complex():
-            raise TypeError(f"{name} must be real, got {x.dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a number or a 1-element floating tensor, got {x.dtype}")
+        if x.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
         value = float(x.detach().reshape(())) if readable(x, sync_ok) else None
         out: float | Tensor = x.reshape(())
     else:
@@ -84,5 +84,7 @@ def check_scalar(
     if bad:
         rng = _range_text(lo, hi, lo_open, hi_open)
         need = "finite" + (f" and {rng}" if rng else "") + (" and nonzero" if nonzero else "")
+        if invalid is not None:
+            raise ValueError(f"{invalid}: {value} ({name} must be {need})")
         raise ValueError(f"{name} must be {need}, got {value}")
     return out
