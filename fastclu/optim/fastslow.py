@@ -106,13 +106,18 @@ class FastSlow(OptimizerWrapper):
         k = _int("state_dict['fastslow']['k']", saved["k"], 1)
         beta = _float("state_dict['fastslow']['beta']", saved["beta"], 0.0, 1.0)
         step = _int("state_dict['fastslow']['step']", saved["step"], 0)
+        if not isinstance(saved["slow"], dict):
+            raise TypeError(f"state_dict['fastslow']['slow'] must be a dict index -> tensor, got "
+                            f"{type(saved['slow']).__name__}")  # fmt: skip
         slow: dict[Tensor, Tensor] = {}
         for i, s in saved["slow"].items():
             if not isinstance(i, int) or not 0 <= i < len(params):
                 raise ValueError(f"state_dict['fastslow']['slow'] has index {i!r}, but there are {len(params)} params")
             p = params[i]
-            if not isinstance(s, Tensor) or s.shape != p.shape:
-                raise ValueError(f"state_dict['fastslow']['slow'][{i}] must be a tensor of shape {tuple(p.shape)}")
+            if not isinstance(s, Tensor) or not s.is_floating_point() or s.shape != p.shape:
+                raise ValueError(
+                    f"state_dict['fastslow']['slow'][{i}] must be a float tensor of shape {tuple(p.shape)}"
+                )
             slow[p] = s.detach().to(device=p.device, dtype=_slow_dtype(p), copy=True)
 
         def apply() -> None:

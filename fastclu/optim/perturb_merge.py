@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastclu import ops
+from fastclu._scalars import check_scalar
 from fastclu.merge import accumulate_task_, merge_task_
 from fastclu.optim._wrapper import OptimizerWrapper, _int
 from fastclu.perturb import by_device, perturb_many_, restore_many_
@@ -28,7 +30,7 @@ def _check_probs(probs: object) -> tuple[float, float, float]:
         raise ValueError(f"probs must be three probabilities (p0, p_plus, p_minus), got {probs!r}")
     ps = []
     for x in probs:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0:
             raise ValueError(f"probs must be finite non-negative numbers, got {probs!r}")
         ps.append(float(x))
     total = sum(ps)
@@ -38,9 +40,7 @@ def _check_probs(probs: object) -> tuple[float, float, float]:
 
 
 def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return float(check_scalar("eps", eps, lo=0.0, tensor_ok=False))
 
 
 class PerturbMerge(OptimizerWrapper):
@@ -179,6 +179,9 @@ class PerturbMerge(OptimizerWrapper):
         """
         if self._inside:
             raise RuntimeError("PerturbMerge.perturbed() is already active (it does not nest)")
+        # eps and probs may have been edited since the constructor: re-checked before any draw.
+        self.eps = _check_eps(self.eps)
+        self.probs = _check_probs(self.probs)
         self.restore()
         params = [p for p in self.params() if "anchor" in self._pp.get(p, {})]
         k = self._draw() if params else 0
@@ -386,7 +389,13 @@ class PerturbMerge(OptimizerWrapper):
         if not isinstance(gen_state, Tensor) or gen_state.dtype != torch.uint8:
             raise ValueError("state_dict['perturb_merge']['generator'] must be a uint8 tensor (Generator state)")
         gen = torch.Generator(device="cpu")
-        gen.set_state(gen_state.cpu())
+        try:
+            gen.set_state(gen_state.cpu())
+        except RuntimeError as exc:
+            raise ValueError(f"state_dict['perturb_merge']['generator'] is not a CPU Generator state: {exc}") from None
+        if not isinstance(saved["params"], dict):
+            raise TypeError(f"state_dict['perturb_merge']['params'] must be a dict index -> dict, got "
+                            f"{type(saved['params']).__name__}")  # fmt: skip
         pp: dict[Tensor, dict[str, Tensor]] = {}
         for i, e in saved["params"].items():
             if not isinstance(i, int) or not 0 <= i < len(params):
@@ -396,7 +405,7 @@ class PerturbMerge(OptimizerWrapper):
                 raise ValueError(f"state_dict['perturb_merge']['params'][{i}] must be a dict with keys in {_PER_PARAM}")
             new = {}
             for key, t in e.items():
-                if not isinstance(t, Tensor) or t.shape != p.shape:
+                if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != p.shape:
                     raise ValueError(f"state_dict['perturb_merge']['params'][{i}][{key!r}] must have shape "
                                      f"{tuple(p.shape)}")  # fmt: skip
                 dtype = p.dtype if key == "anchor" else torch.float32
