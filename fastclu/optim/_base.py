@@ -479,9 +479,64 @@ class RoleOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scaler_inf = getattr(self, "found_inf", None)
         with torch.no_grad():
-            self._step(combine, clip, restore_from)
+            if scaler_inf is None:
+                self._step(combine, clip, restore_from)
+                return loss
+            # Under GradScaler: skip on a non-finite value in any role the step reads (stashes
+            # included), where the mask lets it through; a masked-out inf does not skip the step.
+            found_inf = self._amp_found_inf(combine, scaler_inf)
+            self.found_inf, self.last_found_inf = found_inf, found_inf
+            self._amp_checked = found_inf is not scaler_inf  # stashes already checked, masks respected
+            try:
+                self._step(combine, clip, restore_from)
+            finally:
+                self.found_inf, self._amp_checked = scaler_inf, False
+            self._unscale_grads_in_place(found_inf)
         return loss
+
+    def _amp_found_inf(self, combine: Mapping[str, Any] | None, scaler_inf: Tensor) -> Tensor:
+        """GradScaler's ``found_inf`` recomputed over what the step reads, masks respected.
+
+        Without a mask and without stashed roles, GradScaler's own check over ``.grad`` is
+        exactly that and is returned as is; otherwise one pass over the role gradients.
+        """
+        masked = any(g.get("mask_mode") is not None for g in self.param_groups)
+        roles = list(self._parse_combine(combine))
+        if not masked and roles == [GRAD]:
+            return scaler_inf
+        dev = scaler_inf.device
+        bad = torch.zeros((), dtype=torch.float32, device=dev)
+        for group in self.param_groups:
+            mode, gated = group.get("mask_mode"), group.get("mask_roles")
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                mask = st.get("mask") if mode is not None else None
+                for r in roles:
+                    g = p.grad if r == GRAD else st.get(STASH + r)
+                    if g is None:
+                        continue
+                    nonfinite = ~torch.isfinite(g.detach()).reshape(-1)
+                    if mask is not None and (mode == "update" or gated is None or r in gated):
+                        nonfinite = nonfinite & ops.unpack_bits(mask, p.numel())
+                    bad = bad + nonfinite.any().to(dev, torch.float32)
+        return (bad > 0).to(scaler_inf.dtype)
+
+    def _unscale_grads_in_place(self, found_inf: Tensor) -> None:
+        """Leave ``.grad`` unscaled after ``scaler.step``, as torch's fused optimizers do
+        (untouched when the step was skipped, as theirs)."""
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return
+        by_dev: dict[torch.device, list[Tensor]] = {}
+        for p in self._params():
+            if p.grad is not None:
+                by_dev.setdefault(p.grad.device, []).append(p.grad)
+        for dev, grads in by_dev.items():
+            gs = grad_scale.to(dev).reshape(())
+            divisor = torch.where(found_inf.to(dev).reshape(()) > 0, torch.ones_like(gs), gs)
+            torch._foreach_div_(grads, divisor)
 
     def _check_step_args(self, combine: Mapping[str, Any] | None, clip: object) -> None:
         coeffs = self._parse_combine(combine)
@@ -564,7 +619,7 @@ class RoleOptimizer(Optimizer):
             return
 
         stash_tensors = [g for _, _, gs in plan for k, g in zip(keys, gs) if k is not None and g is not None]
-        if found_inf is not None and stash_tensors:
+        if found_inf is not None and stash_tensors and not getattr(self, "_amp_checked", False):
             # GradScaler only checks .grad; a non-finite stashed role must skip the step too.
             bad = torch.stack([(~torch.isfinite(g)).any().to(found_inf.device) for g in stash_tensors]).any()
             found_inf = found_inf.reshape(()).float() + bad.float()

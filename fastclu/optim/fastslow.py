@@ -87,6 +87,8 @@ class FastSlow(OptimizerWrapper):
         new = self._new_slow()
         loss = self._inner_step(closure, **kwargs)
         self._slow.update(new)
+        if self._inner_step_skipped():
+            return loss  # AMP skipped the update: it does not count towards the sync period
         self.step_count += 1
         if self.step_count % self.k == 0:
             self.sync_()

@@ -226,7 +226,8 @@ class RandomPerturb(OptimizerWrapper):
                 loss = closure()
         self.remove_noise()
         self.optimizer.step(**kwargs)
-        self.step_count += 1
+        if not self._inner_step_skipped():  # an AMP-skipped step does not advance the schedule
+            self.step_count += 1
         return loss
 
     # -- state_dict ------------------------------------------------------------------------------
