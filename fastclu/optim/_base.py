@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -35,6 +36,15 @@ MAX_ROLES = 4
 # load into the other.
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KNOWN_BUFFERS = frozenset({"momentum_buffer", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+
+
+def _numpy_to_float_(group: dict[str, Any]) -> None:
+    """numpy scalar hyper-parameters (``np.float32(0.1)``) become Python floats, as the ops take them."""
+    for k, v in group.items():
+        if isinstance(v, np.generic) and isinstance(v, numbers.Real) and not isinstance(v, np.bool_):
+            group[k] = float(v)
+        elif k == "betas" and isinstance(v, tuple) and any(isinstance(b, np.generic) for b in v):
+            group[k] = tuple(float(b) for b in v)
 
 
 def _check_state_value(name: str, key: Any, v: object, p: Tensor, own: set[str]) -> None:
@@ -113,6 +123,7 @@ class RoleOptimizer(Optimizer):
                     )
             self._check_extra_group_keys(f"param_groups[{len(self.param_groups) - 1}]", group)
             self._check_group(group, sync_ok=True)
+            _numpy_to_float_(group)
         except BaseException:
             self.param_groups.pop()
             raise
@@ -546,6 +557,7 @@ class RoleOptimizer(Optimizer):
             if group.get("mask_mode") not in (None, "grad", "update"):
                 raise ValueError(f"param_groups[{gi}]['mask_mode'] must be None, 'grad' or 'update'")
             self._check_group(group)
+            _numpy_to_float_(group)
         roles = [r for r in coeffs if r != GRAD]
         if not roles:
             return
