@@ -36,7 +36,7 @@ if "expecttest" not in sys.modules:  # torch's testing package imports it only f
         _stub.TestCase = unittest.TestCase  # type: ignore[attr-defined]
         sys.modules["expecttest"] = _stub
 
-from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db  # noqa: E402
+from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 INFOS = {o.name: o for o in optim_db if o.name in ("SGD", "AdamW")}
 OURS = {"SGD": fastclu.optim.SGD, "AdamW": fastclu.optim.AdamW}
