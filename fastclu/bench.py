@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from fastclu import ops
+from fastclu._cli_checks import check_bench_args, exit_if_bad
 from fastclu._registry import BACKENDS, backends
 from fastclu.ops.bits import pack_bits
 
@@ -1270,6 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(args_list)
+    exit_if_bad("fastclu bench", check_bench_args(args))  # issue 17: every argument checked before any work
     try:
         device = (
             torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
