@@ -330,6 +330,17 @@ def test_perturbed_and_hvp(scale: Any, eps: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@SETTINGS
+@given(gamma=bad(lo=0.0), eps=bad(lo=0.0))
+def test_ratio_mask_gamma_and_eps(gamma: Any, eps: Any) -> None:
+    from fastclu.saliency import ratio_mask
+
+    f = [torch.rand(4, 3), torch.rand(3)]
+    if not isinstance(gamma, torch.Tensor) or gamma.numel() == 1:
+        refused(lambda: ratio_mask(f, f, gamma), "gamma", params=f)
+    refused(lambda: ratio_mask(f, f, 1.0, eps=eps), "eps", params=f)
+
+
 def test_zz_counts() -> None:
     print(f"\nbad inputs tried: {COUNTS['tried']}, refused cleanly with state bit-identical: {COUNTS['clean']}")
     assert COUNTS["tried"] == COUNTS["clean"] or COUNTS["tried"] == 0
