@@ -77,6 +77,10 @@ def merge_coefficient(
     kept as they are.
     """
     num, den = merge_sums(params, anchor, fisher_sum, fisher_theta_sum, backend=backend)
+    return _alpha(num, den)
+
+
+def _alpha(num: Tensor, den: Tensor) -> Tensor:
     safe = torch.where(den > 0, den, torch.ones_like(den))
     return torch.where(den > 0, (num / safe).clamp(0.0, 1.0), torch.ones_like(num))
 
@@ -88,14 +92,24 @@ def merge_task_(
     fisher_theta_sum: Sequence[Tensor],
     *,
     backend: str | None = None,
+    label: str = "merge_task_",
 ) -> Tensor:
     """In place: ``theta = anchor + alpha * (theta - anchor)`` with :func:`merge_coefficient`'s alpha.
 
     ``fisher_sum``/``fisher_theta_sum`` must already include the current task (see
     :func:`accumulate_task_`). Returns alpha (fp32 0-d tensor).
+
+    A non-finite ``num`` or ``den`` of alpha (a NaN/inf in the weights, the anchor or the sums) raises ``ValueError``
+    starting with ``label`` before any weight moves (one host sync per merge).
     """
     params, anchor = list(params), list(anchor)
-    alpha = merge_coefficient(params, anchor, fisher_sum, fisher_theta_sum, backend=backend)
+    num, den = merge_sums(params, anchor, fisher_sum, fisher_theta_sum, backend=backend)
+    if not bool(torch.isfinite(num) & torch.isfinite(den)):
+        raise ValueError(
+            f"{label}: the merge coefficient is not finite (num={float(num)}, den={float(den)}): the weights, "
+            "the anchor or the Fisher sums hold NaN/inf; nothing was merged"
+        )
+    alpha = _alpha(num, den)
     with torch.no_grad():
         for idx in by_device(params).values():
             a = alpha.to(params[idx[0]].device)

@@ -3,11 +3,16 @@
 Everything here moves the weights in place through the public ops (:func:`fastclu.ops.perturb_`,
 :func:`fastclu.ops.restore_`, :func:`fastclu.ops.fd_hvp_`) and puts them back bit for bit,
 also when the code run at the moved point raises.
+
+A move is a transaction: the backup of every tensor is written before the first tensor moves,
+and an exception anywhere in the move (``KeyboardInterrupt`` included, between two tensors or
+two devices) puts back what was touched before it propagates. If the restore itself is
+interrupted, the exception carries a :class:`PendingRestore` as ``exc.pending_restore``;
+its :meth:`PendingRestore.complete` finishes the restore bit for bit (the backup is intact).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -15,8 +20,46 @@ import torch
 from torch import Tensor
 
 from fastclu import distributed, ops
+from fastclu._scalars import check_scalar
 
-__all__ = ["by_device", "default_hvp_eps", "hvp", "mix_seed", "perturb_many_", "perturbed", "restore_many_"]
+__all__ = [
+    "PendingRestore",
+    "by_device",
+    "default_hvp_eps",
+    "hvp",
+    "mix_seed",
+    "perturb_many_",
+    "perturbed",
+    "restore_many_",
+]
+
+
+class PendingRestore:
+    """A bit-exact restore of moved weights that an exception interrupted.
+
+    Found as ``exc.pending_restore`` on the exception that interrupted it. :meth:`complete`
+    copies the backup into every parameter again (copying is idempotent, so tensors already
+    restored are unaffected); until it is called the weights may be partly moved.
+    """
+
+    def __init__(self, params: list[Tensor], backup: list[Tensor], backend: str | None = None) -> None:
+        self.params, self.backup, self.backend = params, backup, backend
+        self.done = False
+
+    def complete(self) -> None:
+        """Finish the restore (``params[i] = backup[i]`` bit for bit)."""
+        restore_many_(self.params, self.backup, backend=self.backend)
+        self.done = True
+
+
+def restore_or_pend_(params: list[Tensor], backup: list[Tensor], *, backend: str | None = None) -> None:
+    """:func:`restore_many_`; if it is interrupted, attach a :class:`PendingRestore` to the exception."""
+    try:
+        restore_many_(params, backup, backend=backend)
+    except BaseException as exc:
+        exc.pending_restore = PendingRestore(params, backup, backend)  # type: ignore[attr-defined]
+        exc.add_note("fastclu: the weights were not fully restored; call exc.pending_restore.complete()")
+        raise
 
 
 def by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
@@ -61,10 +104,43 @@ def perturb_many_(
     ``mix_seed(seed, position)``: still deterministic and distinct per tensor, but not the
     single-device noise. A 0-d tensor ``scale`` is moved to each device as needed. Returns the
     row norms aligned with ``params`` in seed mode, else None.
+
+    With ``backup``, the move is a transaction (see the module docstring): all backups are
+    written first (one copy pass), then the weights move; any exception during the move
+    restores every tensor before it propagates.
     """
+    scale = check_scalar("scale", scale)
     if distributed.any_dtensor(params):  # FSDP2: shard-local, noise keyed on global indices
         return distributed.perturb_sharded_(params, scale, backup=backup, anchor=anchor, direction=direction,
                                             seed=seed, row_norms=row_norms, backend=backend)  # fmt: skip
+    if backup is not None:
+        if isinstance(backup, Tensor) or not isinstance(backup, Sequence) or len(backup) != len(params):
+            raise ValueError(f"backup must be a list of {len(params)} tensors, one per parameter")
+        for i, (b, p) in enumerate(zip(backup, params)):
+            if not isinstance(b, Tensor) or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                raise ValueError(f"backup[{i}] must be a tensor with the shape, dtype and device of params[{i}]")
+        # Transaction: every backup is written before the first tensor moves, so an
+        # interruption anywhere in the move can put back exactly what was touched.
+        with torch.no_grad():
+            for idx in by_device(params).values():
+                ops.restore_(_pick(backup, idx), _pick(params, idx), backend=backend)
+        try:
+            return _move_many_(params, scale, anchor, direction, seed, row_norms, backend)
+        except BaseException:
+            restore_or_pend_(list(params), list(backup), backend=backend)
+            raise
+    return _move_many_(params, scale, anchor, direction, seed, row_norms, backend)
+
+
+def _move_many_(
+    params: list[Tensor],
+    scale: float | Tensor,
+    anchor: list[Tensor] | None,
+    direction: list[Tensor] | None,
+    seed: int | None,
+    row_norms: list[Tensor] | None,
+    backend: str | None,
+) -> list[Tensor] | None:
     groups = by_device(params)
 
     def on(dev: torch.device) -> float | Tensor:
@@ -77,7 +153,7 @@ def perturb_many_(
         if seed is None or len(groups) == 1:
             for idx in groups.values():
                 out = ops.perturb_(
-                    _pick(params, idx), on(params[idx[0]].device), backup=_pick(backup, idx), anchor=_pick(anchor, idx),
+                    _pick(params, idx), on(params[idx[0]].device), anchor=_pick(anchor, idx),
                     direction=_pick(direction, idx), seed=seed, row_norms=_pick(row_norms, idx), backend=backend,
                 )  # fmt: skip
                 if out is not None:
@@ -89,7 +165,7 @@ def perturb_many_(
             # with its index: streams stay distinct (but differ from the single-device layout's).
             for i in range(len(params)):
                 out = ops.perturb_(
-                    [params[i]], on(params[i].device), backup=_pick(backup, [i]), seed=mix_seed(seed, i),
+                    [params[i]], on(params[i].device), seed=mix_seed(seed, i),
                     row_norms=_pick(row_norms, [i]), backend=backend,
                 )  # fmt: skip
                 norms[i] = out[0]
@@ -137,6 +213,10 @@ def perturbed(
     allocation per use; otherwise one copy of the weights is allocated. Yields the fp32 row
     norms in seed mode (enough to regenerate the noise), else None.
 
+    Entry and exit are transactions (module docstring): an interrupted entry leaves the weights
+    as they were; an interrupted exit restore raises with ``exc.pending_restore``, whose
+    ``complete()`` finishes it.
+
     Example::
 
         with perturbed(model_params, 1e-2, direction=v):
@@ -154,7 +234,7 @@ def perturbed(
     try:
         yield norms
     finally:
-        restore_many_(ps, backup, backend=backend)
+        restore_or_pend_(ps, backup, backend=backend)
 
 
 def _unit_roundoff(dtypes: Sequence[torch.dtype]) -> float:
@@ -194,6 +274,36 @@ def default_hvp_eps(params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
     return torch.where(v_n > 0, c * (1.0 + theta_n) / safe_v, torch.ones_like(v_n))
 
 
+def _check_hvp_args(ps: list[Tensor], loss_fn: object, v: object) -> list[Tensor]:
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    vs = _check_params("v", v)
+    if len(vs) != len(ps):
+        raise ValueError(f"v has {len(vs)} tensors but params has {len(ps)}")
+    for i, (vi, p) in enumerate(zip(vs, ps)):
+        if vi.shape != p.shape:
+            raise ValueError(f"v[{i}] has shape {tuple(vi.shape)} but params[{i}] has {tuple(p.shape)}")
+        if vi.device != p.device:
+            raise ValueError(f"v[{i}] is on {vi.device} but params[{i}] is on {p.device}")
+    for i, p in enumerate(ps):
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] does not require grad")
+    return vs
+
+
+def _loss_grads(loss_fn: Callable[[], Tensor], ps: list[Tensor]) -> list[Tensor]:
+    """Gradients of ``loss_fn()`` w.r.t. ``ps`` (zeros where unused); a bad loss names ``loss_fn``."""
+    with torch.enable_grad():
+        loss = loss_fn()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            what = type(loss).__name__ if not isinstance(loss, Tensor) else f"a tensor of shape {tuple(loss.shape)}"
+            raise TypeError(f"loss_fn must return a scalar (1-element) tensor, got {what}")
+        if not loss.requires_grad:
+            raise ValueError("loss_fn returned a loss that does not depend on params (no grad_fn)")
+        gs = torch.autograd.grad(loss.reshape(()), ps, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.contiguous() for g, p in zip(gs, ps)]
+
+
 def hvp(
     params: Sequence[Tensor],
     loss_fn: Callable[[], Tensor],
@@ -230,41 +340,15 @@ def hvp(
     bound 1e-3). With fp16/bf16 weights the product is a rough estimate only.
     """
     ps = _check_params("params", params)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    vs = _check_params("v", v)
-    if len(vs) != len(ps):
-        raise ValueError(f"v has {len(vs)} tensors but params has {len(ps)}")
-    for i, (vi, p) in enumerate(zip(vs, ps)):
-        if vi.shape != p.shape:
-            raise ValueError(f"v[{i}] has shape {tuple(vi.shape)} but params[{i}] has {tuple(p.shape)}")
-        if vi.device != p.device:
-            raise ValueError(f"v[{i}] is on {vi.device} but params[{i}] is on {p.device}")
-    for i, p in enumerate(ps):
-        if not p.requires_grad:
-            raise ValueError(f"params[{i}] does not require grad")
-    if eps is None:
-        eps_t: float | Tensor = default_hvp_eps(ps, vs)
-    elif isinstance(eps, Tensor):
-        if eps.numel() != 1:
-            raise ValueError(f"eps must be a number or a 1-element tensor, got shape {tuple(eps.shape)}")
-        eps_t = eps.reshape(())
-    elif isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float or a 0-d tensor, got {type(eps).__name__}")
-    else:
-        if eps == 0.0 or not math.isfinite(eps):
-            raise ValueError(f"eps must be finite and nonzero, got {eps}")
-        eps_t = float(eps)
+    vs = _check_hvp_args(ps, loss_fn, v)
+    eps_t = default_hvp_eps(ps, vs) if eps is None else check_scalar("eps", eps, nonzero=True)
     if not ps:
         return []
     vs = [vi.detach().contiguous() for vi in vs]
     neg = -eps_t
 
     def grads_at() -> list[Tensor]:
-        with torch.enable_grad():
-            loss = loss_fn()
-            gs = torch.autograd.grad(loss, ps, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.contiguous() for g, p in zip(gs, ps)]
+        return _loss_grads(loss_fn, ps)
 
     with perturbed(ps, eps_t, direction=vs, backend=backend) as _:
         g_plus = grads_at()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fastclu import distributed, ops
+from fastclu._scalars import check_scalar
 
 __all__ = ["SaliencyMask", "fisher", "ratio_mask", "topk_mask"]
 
@@ -192,6 +193,9 @@ def ratio_mask(
     """
     f_forget = _params_list("f_forget", f_forget)
     f_remain = _params_list("f_remain", f_remain)
+    # issue 17: gamma and eps finite and >= 0 (a 0-d CPU tensor read here; device tensors trusted)
+    check_scalar("gamma", gamma, lo=0.0)
+    check_scalar("eps", eps, lo=0.0, tensor_ok=False)
     packed = distributed.ratio_mask(f_forget, f_remain, gamma, eps=eps, group=group, backend=backend)
     return SaliencyMask(packed, [distributed.local(f).shape for f in f_forget])
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fastclu._cli_checks import check_bench_args, exit_if_bad
 from fastclu._registry import BACKENDS
 from fastclu.bench.cases import ALL_PEERS, CASES
 from fastclu.bench.e2e import run_e2e
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args_list = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(args_list)
+    exit_if_bad("fastclu bench", check_bench_args(args))  # every argument checked before any work
     command = "fastclu bench" + (" " + shlex.join(args_list) if args_list else "")
     if args.host:
         from fastclu.bench.host import host_main

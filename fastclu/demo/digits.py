@@ -32,6 +32,7 @@ from torch import nn
 
 from fastclu import data as D
 from fastclu import metrics as M
+from fastclu._cli_checks import check_demo_args
 from fastclu.methods.baselines import finetune, gradient_ascent, joint, naive_sequential, retrain
 from fastclu.methods.clu import ug_clu
 from fastclu.methods.common import make_mlp, train, use_backend
@@ -381,6 +382,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastclu demo``; returns the process exit code."""
     args = _parser().parse_args(argv)
+    why = check_demo_args(args)  # issue 17: every argument checked before any work (--out first)
+    if why:
+        print(f"fastclu demo: {why}", file=sys.stderr)
+        return 2
     try:
         dev = torch.device(args.device)
     except RuntimeError as e:

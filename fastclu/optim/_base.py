@@ -13,19 +13,63 @@ buffers (fp32; fp64 for fp64 parameters), the packed mask (``"mask"``), the anch
 
 from __future__ import annotations
 
+import copy
+import math
 import numbers
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from fastclu import distributed, ops
+from fastclu._registry import BACKENDS
+from fastclu._scalars import check_scalar
 
 STASH = "stash."
 GRAD = "grad"
 MAX_ROLES = 4
+# Per-parameter buffers of fastclu's (and torch's) SGD / AdamW: one optimizer's state must not
+# load into the other.
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KNOWN_BUFFERS = frozenset({"momentum_buffer", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+
+
+def _numpy_to_float_(group: dict[str, Any]) -> None:
+    """numpy scalar hyper-parameters (``np.float32(0.1)``) become Python floats, as the ops take them."""
+    for k, v in group.items():
+        if isinstance(v, np.generic) and isinstance(v, numbers.Real) and not isinstance(v, np.bool_):
+            group[k] = float(v)
+        elif k == "betas" and isinstance(v, tuple) and any(isinstance(b, np.generic) for b in v):
+            group[k] = tuple(float(b) for b in v)
+
+
+def _check_state_value(name: str, key: Any, v: object, p: Tensor, own: set[str]) -> None:
+    """One saved per-parameter state value against its parameter ``p``."""
+    if key == "step":
+        if isinstance(v, Tensor):
+            if v.numel() != 1 or v.is_complex():
+                raise ValueError(f"{name} must be a 1-element real tensor, got shape {tuple(v.shape)}")
+        elif isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or v < 0:
+            raise ValueError(f"{name} must be a step count >= 0, got {v!r}")
+        return
+    shaped = key in own or key in ("importance", "anchor") or (isinstance(key, str) and key.startswith(STASH))
+    if shaped:
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+        if v.shape != p.shape:
+            raise ValueError(f"{name} has shape {tuple(v.shape)} but the parameter has {tuple(p.shape)}")
+    elif key == "mask":
+        if not isinstance(v, Tensor) or v.dtype != torch.uint8:
+            raise TypeError(f"{name} must be a bit-packed uint8 tensor")
+        if v.numel() != ops.packed_numel(p.numel()):
+            raise ValueError(
+                f"{name} has {v.numel()} bytes but the parameter ({p.numel()} elements) needs "
+                f"{ops.packed_numel(p.numel())}"
+            )
 
 
 class SparseGradientError(TypeError, RuntimeError):
@@ -37,14 +81,13 @@ def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _as_scalar(name: str, x: object) -> float | Tensor:
-    if isinstance(x, Tensor):
-        if x.numel() != 1 or not x.is_floating_point():
-            raise ValueError(f"{name} must be a float or a 1-element floating tensor, got shape {tuple(x.shape)}")
-        return x.reshape(())
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(x).__name__}")
-    return float(x)
+def _as_scalar(name: str, x: object, **bounds: Any) -> float | Tensor:
+    """``x`` checked by :func:`fastclu._scalars.check_scalar` (finite, within ``bounds``).
+
+    1-element tensors on the CPU are always checked; on an accelerator only with
+    ``sync_ok=True`` (where a value is set, not per step: see :mod:`fastclu._scalars`).
+    """
+    return check_scalar(name, x, **bounds)
 
 
 class RoleOptimizer(Optimizer):
@@ -59,8 +102,36 @@ class RoleOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], backend: str | None = None) -> None:
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        if backend is not None and backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be None, 'auto' or one of {list(BACKENDS)}, got {backend!r}")
         super().__init__(params, {**defaults, **self._extra_group_keys})
         self.backend = backend
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, then the new group's parameters and hyper-parameters are
+        checked (dense real floating-point tensors; finite, in-range values, device scalars
+        included); a refused group is not added."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for i, p in enumerate(group["params"]):
+                if p.dtype not in _PARAM_DTYPES:
+                    raise TypeError(
+                        f"param_groups[{len(self.param_groups) - 1}]['params'][{i}] has dtype {p.dtype}; "
+                        f"fastclu optimizers take {[str(d) for d in _PARAM_DTYPES]} parameters"
+                        + (" (complex parameters are not supported)" if p.is_complex() else "")
+                    )
+            self._check_extra_group_keys(f"param_groups[{len(self.param_groups) - 1}]", group)
+            self._check_group(group, sync_ok=True)
+            _numpy_to_float_(group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps defaults, state and param_groups only: the backend must survive
+        # deepcopy and pickling too.
+        return {**super().__getstate__(), "backend": self.__dict__.get("backend")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -73,8 +144,13 @@ class RoleOptimizer(Optimizer):
     def _params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        """Subclasses validate a param group's hyper-parameters (groups may be edited by users)."""
+    def _check_group(self, group: dict[str, Any], sync_ok: bool = False) -> None:
+        """Subclasses validate a param group's hyper-parameters (groups may be edited by users).
+
+        Called with ``sync_ok=True`` where a group is set (constructor, ``add_param_group``,
+        ``load_state_dict``) and ``False`` at every step, where a hyper-parameter held in an
+        accelerator tensor is trusted (reading it would sync the host each step).
+        """
 
     # ------------------------------------------------------------------ roles
     def stash(self, role: str) -> None:
@@ -195,7 +271,7 @@ class RoleOptimizer(Optimizer):
         Args:
             importance: per-parameter importances Omega (shapes of the parameters; e.g. a Fisher
                 from :func:`fastclu.saliency.fisher`), or None to remove the penalty.
-            lam: penalty strength (>= 0).
+            lam: penalty strength (finite, >= 0; a 0-d tensor is read once, here).
             anchor: the weights to preserve; default a copy of the current weights.
         Stored in fp32 (fp64 for fp64 parameters) in the optimizer state.
         """
@@ -208,11 +284,7 @@ class RoleOptimizer(Optimizer):
             for g in self.param_groups:
                 g["penalty"] = 0.0
             return
-        lam_f = _as_scalar("lam", lam)
-        if isinstance(lam_f, Tensor):
-            lam_f = float(lam_f)
-        if not lam_f >= 0.0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        lam_f = float(_as_scalar("lam", lam, lo=0.0, sync_ok=True))
         anchor = [p.detach() for p in params] if anchor is None else anchor
         for name, xs in (("importance", importance), ("anchor", anchor)):
             if isinstance(xs, Tensor) or not isinstance(xs, Sequence):
@@ -224,6 +296,8 @@ class RoleOptimizer(Optimizer):
                     raise TypeError(f"{name}[{i}] must be a floating-point tensor")
                 if x.shape != p.shape:
                     raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)} but parameter {i} has {tuple(p.shape)}")
+                if x.device.type != "meta" and not bool(torch.isfinite(x).all()):  # set-time: one sync
+                    raise ValueError(f"{name}[{i}] holds NaN or inf")
         for p, w, a in zip(params, importance, anchor):
             dt = state_dtype(p)
             self.state[p]["importance"] = w.detach().to(p.device, dt, copy=True).contiguous()
@@ -246,15 +320,106 @@ class RoleOptimizer(Optimizer):
         return v.detach().to(device=p.device, copy=True)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``, but float state stays fp32 (torch would cast it to the param dtype)."""
-        saved = state_dict.get("state", {}) if isinstance(state_dict, Mapping) else {}
-        originals = {k: dict(v) for k, v in saved.items() if isinstance(v, Mapping)}
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]] if isinstance(
-            state_dict, Mapping) and "param_groups" in state_dict else []  # fmt: skip
-        super().load_state_dict(state_dict)
-        for pid, p in zip(saved_ids, self._params()):
-            if pid in originals:
-                self.state[p] = {k: self._cast_state(p, k, v) for k, v in originals[pid].items()}
+        """torch's ``load_state_dict``, validated in full before anything changes.
+
+        Pre-hooks run first (their returned dict is the one loaded), then the whole dict is
+        checked against this optimizer: the number of groups and of parameters per group, every
+        group's hyper-parameters (present and valid: ``lr``... as the constructor checks them,
+        ``mask_mode`` in {None, 'grad', 'update'}, ``mask_roles``, ``penalty``), and every
+        parameter's state (known keys only: no AdamW state into SGD; buffers, anchors and
+        stashes shaped like the parameter; packed masks of the right size). Only then is the new
+        state built (float state stays fp32, where torch would cast it to the parameter's dtype)
+        and swapped in as a whole, and the post-hooks run. State entries not keyed by a
+        parameter id are kept as they are (as torch does).
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} entry")
+        groups, id_map = self._parse_groups(state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError(f"state_dict['state'] must be a dict, got {type(saved_state).__name__}")
+        state: defaultdict[Any, Any] = defaultdict(dict)
+        for pid, entry in saved_state.items():
+            if pid in id_map:
+                state[id_map[pid]] = self._parse_state_entry(pid, id_map[pid], entry)
+            else:
+                state[pid] = entry
+        self.__setstate__({"state": state, "param_groups": groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _parse_groups(self, saved_groups: object) -> tuple[list[dict[str, Any]], dict[Any, Tensor]]:
+        """Validated copies of the saved groups (with this optimizer's params) and saved id -> param."""
+        if not isinstance(saved_groups, Sequence) or isinstance(saved_groups, (str, bytes)):
+            raise TypeError("state_dict['param_groups'] must be a list of dicts")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups but the optimizer has {len(self.param_groups)}"
+            )
+        groups, id_map = [], {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), Sequence):
+                raise TypeError(f"state_dict['param_groups'][{gi}] must be a dict with a 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict['param_groups'][{gi}] has {len(saved['params'])} parameters "
+                    f"but the optimizer's group {gi} has {len(group['params'])}"
+                )
+            missing = [k for k in self._required_group_keys() if k not in saved]
+            if missing:
+                raise ValueError(f"state_dict['param_groups'][{gi}] lacks {missing}")
+            new = {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": group["params"]}
+            if "param_names" in group and "param_names" not in new:
+                new["param_names"] = group["param_names"]
+            for k, v in self._extra_group_keys.items():
+                new.setdefault(k, v)
+            self._check_extra_group_keys(f"state_dict['param_groups'][{gi}]", new)
+            self._check_group(new, sync_ok=True)
+            for pid, p in zip(saved["params"], group["params"]):
+                if pid in id_map:
+                    raise ValueError(f"state_dict['param_groups'] lists parameter id {pid!r} twice")
+                id_map[pid] = p
+            groups.append(new)
+        return groups, id_map
+
+    def _required_group_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in ("lr", "momentum", "dampening", "weight_decay", "betas", "eps") if k in self.defaults)
+
+    @staticmethod
+    def _check_extra_group_keys(name: str, group: Mapping[str, Any]) -> None:
+        if group["mask_mode"] not in (None, "grad", "update"):
+            raise ValueError(f"{name}['mask_mode'] must be None, 'grad' or 'update', got {group['mask_mode']!r}")
+        roles = group["mask_roles"]
+        if roles is not None and (
+            isinstance(roles, str) or not isinstance(roles, Sequence) or not all(isinstance(r, str) for r in roles)
+        ):
+            raise TypeError(f"{name}['mask_roles'] must be None or a list of role names, got {roles!r}")
+        _as_scalar(f"{name}['penalty']", group["penalty"], lo=0.0)
+
+    def _own_state_keys(self) -> set[str]:
+        return set(self._buffer_keys) | ({"step"} if "exp_avg" in self._buffer_keys else set())
+
+    def _parse_state_entry(self, pid: Any, p: Tensor, entry: object) -> dict[Any, Any]:
+        """The state of one parameter, checked against ``p`` and cast (copies; nothing changes)."""
+        name = f"state_dict['state'][{pid!r}]"
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"{name} must be a dict, got {type(entry).__name__}")
+        foreign = [k for k in entry if k in _KNOWN_BUFFERS and k not in self._own_state_keys()]
+        if foreign:
+            raise ValueError(
+                f"{name} holds {foreign}, which {type(self).__name__} does not use (state of another optimizer?)"
+            )
+        for k, v in entry.items():
+            _check_state_value(f"{name}[{k!r}]", k, v, p, self._own_state_keys())
+        return {k: self._cast_state(p, k, v) for k, v in entry.items()}
 
     # ------------------------------------------------------------------ step
     def _init_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> bool:
@@ -311,14 +476,103 @@ class RoleOptimizer(Optimizer):
                 Parameters without any gradient are neither stepped nor restored.
         Returns:
             the closure's loss, or None.
+
+        Validation before anything moves: coefficients and ``clip`` must be finite (``clip > 0``);
+        Python numbers and CPU 0-d tensors are checked on every call, 0-d tensors on an
+        accelerator are trusted (checking them would sync the host every step). Every group's
+        hyper-parameters are re-checked (groups may be edited), with the same rule. Mask role
+        names: at a step whose ``combine`` names stashed roles, every role of a ``"grad"``-mode
+        mask must be ``"grad"`` or a role this optimizer has seen (in this or an earlier
+        ``combine``, or stashed now); a misspelt mask role would otherwise gate nothing. Plain
+        steps do not check it (a mask may name a role only later steps use).
         """
+        self._check_step_args(combine, clip)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scaler_inf = getattr(self, "found_inf", None)
         with torch.no_grad():
-            self._step(combine, clip, restore_from)
+            if scaler_inf is None:
+                self._step(combine, clip, restore_from)
+                return loss
+            # Under GradScaler: skip on a non-finite value in any role the step reads (stashes
+            # included), where the mask lets it through; a masked-out inf does not skip the step.
+            found_inf = self._amp_found_inf(combine, scaler_inf)
+            self.found_inf, self.last_found_inf = found_inf, found_inf
+            self._amp_checked = found_inf is not scaler_inf  # stashes already checked, masks respected
+            try:
+                self._step(combine, clip, restore_from)
+            finally:
+                self.found_inf, self._amp_checked = scaler_inf, False
+            self._unscale_grads_in_place(found_inf)
         return loss
+
+    def _amp_found_inf(self, combine: Mapping[str, Any] | None, scaler_inf: Tensor) -> Tensor:
+        """GradScaler's ``found_inf`` recomputed over what the step reads, masks respected.
+
+        Without a mask and without stashed roles, GradScaler's own check over ``.grad`` is
+        exactly that and is returned as is; otherwise one pass over the role gradients.
+        """
+        masked = any(g.get("mask_mode") is not None for g in self.param_groups)
+        roles = list(self._parse_combine(combine))
+        if not masked and roles == [GRAD]:
+            return scaler_inf
+        dev = scaler_inf.device
+        bad = torch.zeros((), dtype=torch.float32, device=dev)
+        for group in self.param_groups:
+            mode, gated = group.get("mask_mode"), group.get("mask_roles")
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                mask = st.get("mask") if mode is not None else None
+                for r in roles:
+                    g = p.grad if r == GRAD else st.get(STASH + r)
+                    if g is None:
+                        continue
+                    nonfinite = ~torch.isfinite(g.detach()).reshape(-1)
+                    if mask is not None and (mode == "update" or gated is None or r in gated):
+                        nonfinite = nonfinite & ops.unpack_bits(mask, p.numel())
+                    bad = bad + nonfinite.any().to(dev, torch.float32)
+        return (bad > 0).to(scaler_inf.dtype)
+
+    def _unscale_grads_in_place(self, found_inf: Tensor) -> None:
+        """Leave ``.grad`` unscaled after ``scaler.step``, as torch's fused optimizers do
+        (untouched when the step was skipped, as theirs)."""
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return
+        by_dev: dict[torch.device, list[Tensor]] = {}
+        for p in self._params():
+            if p.grad is not None:
+                by_dev.setdefault(p.grad.device, []).append(p.grad)
+        for dev, grads in by_dev.items():
+            gs = grad_scale.to(dev).reshape(())
+            divisor = torch.where(found_inf.to(dev).reshape(()) > 0, torch.ones_like(gs), gs)
+            torch._foreach_div_(grads, divisor)
+
+    def _check_step_args(self, combine: Mapping[str, Any] | None, clip: object) -> None:
+        coeffs = self._parse_combine(combine)
+        if clip is not None:
+            _as_scalar("clip", clip, lo=0.0, lo_open=True)
+        for gi, group in enumerate(self.param_groups):
+            if group.get("mask_mode") not in (None, "grad", "update"):
+                raise ValueError(f"param_groups[{gi}]['mask_mode'] must be None, 'grad' or 'update'")
+            self._check_group(group)
+            _numpy_to_float_(group)
+        roles = [r for r in coeffs if r != GRAD]
+        if not roles:
+            return
+        seen = self.__dict__.setdefault("_seen_roles", set())
+        seen.update(roles)
+        seen.update(self.stashed_roles())
+        for gi, group in enumerate(self.param_groups):
+            if group.get("mask_mode") == "grad" and group.get("mask_roles") is not None:
+                unknown = [r for r in group["mask_roles"] if r != GRAD and r not in seen]
+                if unknown:
+                    raise ValueError(
+                        f"the mask of param_groups[{gi}] gates role(s) {unknown}, which no step has named; "
+                        f"known roles: {sorted({GRAD, *seen})} (misspelt in set_mask(roles=...)?)"
+                    )
 
     def _check_restore_from(self, restore_from: object) -> dict[Tensor, Tensor] | None:
         if restore_from is None:
@@ -378,7 +632,7 @@ class RoleOptimizer(Optimizer):
             return
 
         stash_tensors = [g for _, _, gs in plan for k, g in zip(keys, gs) if k is not None and g is not None]
-        if found_inf is not None and stash_tensors:
+        if found_inf is not None and stash_tensors and not getattr(self, "_amp_checked", False):
             # GradScaler only checks .grad; a non-finite stashed role must skip the step too.
             bad = torch.stack([(~torch.isfinite(g)).any().to(found_inf.device) for g in stash_tensors]).any()
             found_inf = found_inf.reshape(()).float() + bad.float()

@@ -8,12 +8,15 @@ thing) and nests its own state under one key of the inner optimizer's ``state_di
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
+
+from fastclu._scalars import check_scalar
 
 __all__ = ["OptimizerWrapper"]
 
@@ -36,13 +39,60 @@ class OptimizerWrapper(Optimizer):
     (position in the concatenated ``param_groups``). Wrappers nest:
     ``FastSlow(PerturbMerge(SGD(...)))`` works.
 
-    AMP: ``_step_supports_amp_scaling`` is False, so ``GradScaler`` unscales the gradients
-    itself and skips ``step()`` altogether on inf/NaN, which keeps the wrapper's counters in
-    step with the updates that really happened.
+    AMP: ``_step_supports_amp_scaling``, ``grad_scale`` and ``found_inf`` are the inner
+    optimizer's. Around fastclu's SGD/AdamW, ``GradScaler`` hands the scale to the fused step,
+    which unscales every role (stashes included), skips on a non-finite unmasked value and
+    leaves ``.grad`` unscaled (as torch's fused optimizers); the wrapper then sees whether the
+    step was skipped (:meth:`_inner_step_skipped`, one host sync under AMP) and does not count
+    a skipped step. Around torch's optimizers ``GradScaler`` unscales ``.grad`` itself and skips
+    ``step()`` altogether on inf/NaN, as before.
     """
 
     _state_key = "wrapper"
-    _step_supports_amp_scaling = False
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    # GradScaler sets and deletes these on the optimizer it is given: they belong to the inner one.
+    @property
+    def grad_scale(self) -> Any:
+        return self.optimizer.grad_scale  # AttributeError when unset, as on a plain optimizer
+
+    @grad_scale.setter
+    def grad_scale(self, value: Any) -> None:
+        self.optimizer.grad_scale = value
+
+    @grad_scale.deleter
+    def grad_scale(self) -> None:
+        if hasattr(self.optimizer, "grad_scale"):
+            del self.optimizer.grad_scale
+
+    @property
+    def found_inf(self) -> Any:
+        return self.optimizer.found_inf
+
+    @found_inf.setter
+    def found_inf(self, value: Any) -> None:
+        self.optimizer.found_inf = value
+
+    @found_inf.deleter
+    def found_inf(self) -> None:
+        if hasattr(self.optimizer, "found_inf"):
+            del self.optimizer.found_inf
+
+    @property
+    def last_found_inf(self) -> Any:
+        return getattr(self.optimizer, "last_found_inf", None)
+
+    def _inner_step_skipped(self) -> bool:
+        """Whether the inner step just taken was skipped by AMP (False outside ``GradScaler``)."""
+        scaler_inf = getattr(self, "found_inf", None)
+        if scaler_inf is None:
+            return False
+        found = self.last_found_inf
+        found = scaler_inf if found is None else found
+        return bool(found.reshape(()) != 0) if isinstance(found, Tensor) else bool(found)
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -165,6 +215,8 @@ class OptimizerWrapper(Optimizer):
 
 
 def _int(name: str, x: object, lo: int) -> int:
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+        x = int(x)  # numpy integers
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     if x < lo:
@@ -173,8 +225,4 @@ def _int(name: str, x: object, lo: int) -> int:
 
 
 def _float(name: str, x: object, lo: float, hi: float) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    if not lo <= float(x) <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
-    return float(x)
+    return float(check_scalar(name, x, lo=lo, hi=hi, tensor_ok=False))

@@ -7,24 +7,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastclu._scalars import check_scalar
 from fastclu.optim._base import RoleOptimizer, state_dtype
 
 
-def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not eps >= 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+def _check_hparams(lr: Any, betas: Any, eps: Any, weight_decay: Any, *, sync_ok: bool = True) -> None:
+    """Every hyper-parameter finite and in range, before anything is created (see ``fastclu._scalars``:
+    accelerator tensors are read only where ``sync_ok``, i.e. where the value is set, not per step)."""
+    check_scalar("lr", lr, lo=0.0, invalid="Invalid learning rate", sync_ok=sync_ok)
+    check_scalar("eps", eps, lo=0.0, invalid="Invalid epsilon value", sync_ok=sync_ok)
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair of floats, got {betas!r}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    for i, b in enumerate(betas):
+        check_scalar(f"betas[{i}]", b, lo=0.0, hi=1.0, hi_open=True, sync_ok=sync_ok,
+                     invalid=f"Invalid beta parameter at index {i}")  # fmt: skip
+    check_scalar("weight_decay", weight_decay, lo=0.0, invalid="Invalid weight_decay value", sync_ok=sync_ok)
+
+
+def _check_torch_compat(lr: Any, betas: Any, foreach: Any, capturable: Any) -> None:
+    """torch.optim.AdamW's refusals of tensor hyper-parameters, kept for drop-in parity."""
+    if isinstance(lr, Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
+        if isinstance(betas[0], Tensor) and foreach and not capturable:
+            raise ValueError("betas[0] as a Tensor is not supported for capturable=False and foreach=True")
 
 
 class AdamW(RoleOptimizer):
@@ -62,12 +70,9 @@ class AdamW(RoleOptimizer):
         fused: bool | None = None,
         backend: str | None = None,
     ) -> None:
-        if isinstance(betas, (tuple, list)) and len(betas) == 2:
-            for i, b in enumerate(betas):
-                if isinstance(b, Tensor) and b.numel() != 1:
-                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
-            betas = tuple(float(b) for b in betas)
+        _check_torch_compat(lr, betas, foreach, capturable)
         _check_hparams(lr, betas, eps, weight_decay)
+        betas = tuple(float(b) for b in betas)
         if differentiable:
             raise ValueError("differentiable=True is not supported by fastclu.optim.AdamW")
         defaults = {
@@ -92,8 +97,8 @@ class AdamW(RoleOptimizer):
                 if st and "step" in st and not torch.is_tensor(st["step"]):
                     st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32, device=p.device)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    def _check_group(self, group: dict[str, Any], sync_ok: bool = False) -> None:
+        _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"], sync_ok=sync_ok)
 
     def _needs_init(self, group: dict[str, Any], st: dict[str, Any]) -> bool:
         # Fresh AdamW state (zeros, step 0) is indistinguishable from no state: no AMP sync needed.

@@ -62,11 +62,10 @@ class FastSlow(OptimizerWrapper):
         """The slow weights aligned with :meth:`params` (None where not yet initialised)."""
         return [self._slow.get(p) for p in self.params()]
 
-    def _init_slow(self) -> None:
+    def _new_slow(self) -> dict[Tensor, Tensor]:
+        """Slow weights for parameters seen for the first time (not recorded until the step succeeds)."""
         with torch.no_grad():
-            for p in self.params():
-                if p not in self._slow:
-                    self._slow[p] = p.detach().to(_slow_dtype(p), copy=True)
+            return {p: p.detach().to(_slow_dtype(p), copy=True) for p in self.params() if p not in self._slow}
 
     def sync_(self) -> None:
         """Sync now: ``slow += beta * (fast - slow); fast = slow`` for every initialised parameter."""
@@ -78,9 +77,19 @@ class FastSlow(OptimizerWrapper):
                                backend=self.backend)  # fmt: skip
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        """Inner step (``closure`` and keywords passed through), then a sync every ``k``-th call."""
-        self._init_slow()
+        """Inner step (``closure`` and keywords passed through), then a sync every ``k``-th call.
+
+        ``k`` and ``beta`` are re-checked first (they may have been edited). Slow weights of
+        parameters seen for the first time are copied before the inner step but recorded only
+        once it returns, so a step that raises leaves the wrapper as it was.
+        """
+        _int("k", self.k, 1)
+        _float("beta", self.beta, 0.0, 1.0)
+        new = self._new_slow()
         loss = self._inner_step(closure, **kwargs)
+        self._slow.update(new)
+        if self._inner_step_skipped():
+            return loss  # AMP skipped the update: it does not count towards the sync period
         self.step_count += 1
         if self.step_count % self.k == 0:
             self.sync_()
@@ -100,13 +109,18 @@ class FastSlow(OptimizerWrapper):
         k = _int("state_dict['fastslow']['k']", saved["k"], 1)
         beta = _float("state_dict['fastslow']['beta']", saved["beta"], 0.0, 1.0)
         step = _int("state_dict['fastslow']['step']", saved["step"], 0)
+        if not isinstance(saved["slow"], dict):
+            raise TypeError(f"state_dict['fastslow']['slow'] must be a dict index -> tensor, got "
+                            f"{type(saved['slow']).__name__}")  # fmt: skip
         slow: dict[Tensor, Tensor] = {}
         for i, s in saved["slow"].items():
             if not isinstance(i, int) or not 0 <= i < len(params):
                 raise ValueError(f"state_dict['fastslow']['slow'] has index {i!r}, but there are {len(params)} params")
             p = params[i]
-            if not isinstance(s, Tensor) or s.shape != p.shape:
-                raise ValueError(f"state_dict['fastslow']['slow'][{i}] must be a tensor of shape {tuple(p.shape)}")
+            if not isinstance(s, Tensor) or not s.is_floating_point() or s.shape != p.shape:
+                raise ValueError(
+                    f"state_dict['fastslow']['slow'][{i}] must be a float tensor of shape {tuple(p.shape)}"
+                )
             slow[p] = s.detach().to(device=p.device, dtype=_slow_dtype(p), copy=True)
 
         def apply() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastclu import distributed, ops
+from fastclu._scalars import check_scalar
 from fastclu.merge import accumulate_task_, merge_task_
 from fastclu.optim._wrapper import OptimizerWrapper, _int
 from fastclu.perturb import by_device, perturb_many_, restore_many_
@@ -28,7 +30,7 @@ def _check_probs(probs: object) -> tuple[float, float, float]:
         raise ValueError(f"probs must be three probabilities (p0, p_plus, p_minus), got {probs!r}")
     ps = []
     for x in probs:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0:
             raise ValueError(f"probs must be finite non-negative numbers, got {probs!r}")
         ps.append(float(x))
     total = sum(ps)
@@ -38,9 +40,7 @@ def _check_probs(probs: object) -> tuple[float, float, float]:
 
 
 def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return float(check_scalar("eps", eps, lo=0.0, tensor_ok=False))
 
 
 class PerturbMerge(OptimizerWrapper):
@@ -152,11 +152,24 @@ class PerturbMerge(OptimizerWrapper):
         p0, p1, _ = self.probs
         return 0 if u < p0 else (1 if u < p0 + p1 else -1)
 
-    def _flush(self) -> None:
-        """Land a restore that was folded into a step that has not happened."""
+    @property
+    def restore_pending(self) -> bool:
+        """Whether some weights are still perturbed, waiting for :meth:`restore` (or the next step)."""
+        return self._pending is not None
+
+    def restore(self) -> None:
+        """Put the clean weights back now, bit for bit, if a restore is pending; else a no-op.
+
+        A restore is pending after a :meth:`perturbed` block with ``fold_restore=True`` (the next
+        :meth:`step` would fold it), or when the exit restore of :meth:`perturbed` or a failing
+        folded step was interrupted (``KeyboardInterrupt`` ...): calling this again completes it
+        (the copy from the backup is idempotent). :meth:`perturbed`, :meth:`end_task` and
+        :meth:`state_dict` call it first.
+        """
         if self._pending is not None:
-            pend, self._pending = self._pending, None
+            pend = self._pending
             restore_many_(pend, [self._backup[p] for p in pend], backend=self.backend)
+            self._pending = None
 
     @contextmanager
     def perturbed(self) -> Iterator[int]:
@@ -168,7 +181,10 @@ class PerturbMerge(OptimizerWrapper):
         """
         if self._inside:
             raise RuntimeError("PerturbMerge.perturbed() is already active (it does not nest)")
-        self._flush()
+        # eps and probs may have been edited since the constructor: re-checked before any draw.
+        self.eps = _check_eps(self.eps)
+        self.probs = _check_probs(self.probs)
+        self.restore()
         self._window_opened = True
         params = [p for p in self.params() if "anchor" in self._pp.get(p, {})]
         k = self._draw() if params else 0
@@ -186,19 +202,21 @@ class PerturbMerge(OptimizerWrapper):
             if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
                 b = self._backup[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
             backup.append(b)
+        # A transaction: the backups are written before the first tensor moves, and a move
+        # interrupted half-way is undone inside perturb_many_.
         perturb_many_(params, k * self.eps, backup=backup, anchor=[self._pp[p]["anchor"] for p in params],
                       backend=self.backend)  # fmt: skip
         self._inside = True
+        # Pending from here on: if the exit restore below is interrupted, restore() finishes it.
+        self._pending = params
         ok = False
         try:
             yield k
             ok = True
         finally:
             self._inside = False
-            if ok and self.fold_restore:
-                self._pending = params
-            else:
-                restore_many_(params, backup, backend=self.backend)
+            if not (ok and self.fold_restore):
+                self.restore()
 
     def accumulate_fisher(self, scale: float = 1.0) -> None:
         """After a backward: ``F += scale * grad**2`` for every parameter with a gradient.
@@ -234,13 +252,20 @@ class PerturbMerge(OptimizerWrapper):
             self._refuse_unperturbed_step()
         self._window_opened = False
         if self._pending is not None:
-            pend, self._pending = self._pending, None
+            pend = self._pending
             # Fold: the update reads theta from the backup and writes params, so params never
             # hold the clean weights in between. Params without an anchor were not moved and
             # read themselves.
             moved = set(pend)
             restore_from = [self._backup[p] if p in moved else p for p in self.params()]
-            self.optimizer.step(restore_from=restore_from, **kwargs)
+            try:
+                self.optimizer.step(restore_from=restore_from, **kwargs)
+            except BaseException:
+                # The step failed (bad argument, interrupt): land the clean weights instead of
+                # leaving them perturbed; the backup is untouched by the step.
+                self.restore()
+                raise
+            self._pending = None
             # A parameter without a gradient is skipped by the step, so its fold never happened.
             idle = [p for p in pend if p.grad is None]
             if idle:
@@ -307,27 +332,31 @@ class PerturbMerge(OptimizerWrapper):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         if self._inside:
             raise RuntimeError("end_task() called inside PerturbMerge.perturbed()")
-        self._flush()
+        self.restore()
         if self.fisher_count == 0:
             warnings.warn("PerturbMerge.end_task(): no accumulate_fisher() call in this task; its Fisher is 0",
                           stacklevel=2)  # fmt: skip
         params = self.params()
         entries = [self._entry(p) for p in params]
+        self._check_finite(params, entries)
         scale: float | Tensor = 1.0 / max(self.fisher_count, 1)
         if normalize:
             # A 0-d tensor, not a float: no host sync at the task boundary.
             tr = self._fisher_sum()
             scale = torch.where(tr > 0, 1.0 / torch.where(tr > 0, tr, torch.ones_like(tr)), torch.zeros_like(tr))
-        accumulate_task_(
-            [e["fisher_sum"] for e in entries], [e["fisher_theta_sum"] for e in entries],
-            [e["fisher"] for e in entries], params, scale=scale,
-        )  # fmt: skip
+        # Into copies of the sums, committed only once alpha is known to be finite: a failing
+        # merge leaves the sums, the anchors and the weights as they were.
+        sums = {p: (e["fisher_sum"].clone(), e["fisher_theta_sum"].clone()) for p, e in zip(params, entries)}
+        accumulate_task_([sums[p][0] for p in params], [sums[p][1] for p in params],
+                         [e["fisher"] for e in entries], params, scale=scale)  # fmt: skip
         merged = [p for p, e in zip(params, entries) if "anchor" in e]
         alpha = None
         if merged:
-            es = [self._pp[p] for p in merged]
-            alpha = merge_task_(merged, [e["anchor"] for e in es], [e["fisher_sum"] for e in es],
-                                [e["fisher_theta_sum"] for e in es], backend=self.backend)  # fmt: skip
+            alpha = merge_task_(merged, [self._pp[p]["anchor"] for p in merged], [sums[p][0] for p in merged],
+                                [sums[p][1] for p in merged], backend=self.backend,
+                                label=f"PerturbMerge task {self.task}")  # fmt: skip
+        for p, e in zip(params, entries):
+            e["fisher_sum"], e["fisher_theta_sum"] = sums[p]
         with torch.no_grad():
             for p, e in zip(params, entries):
                 if "anchor" in e:
@@ -340,11 +369,25 @@ class PerturbMerge(OptimizerWrapper):
         self.last_alpha = alpha
         return alpha
 
+    def _check_finite(self, params: list[Tensor], entries: list[dict[str, Tensor]]) -> None:
+        """Refuse a diverged task (non-finite Fisher, weights or anchor) before anything moves.
+
+        One host sync per task (not per step).
+        """
+        with torch.no_grad():
+            for i, (p, e) in enumerate(zip(params, entries)):
+                for what, t in (("Fisher", e["fisher"]), ("weights", p), ("theta_prev", e.get("anchor"))):
+                    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+                        raise ValueError(
+                            f"PerturbMerge.end_task(): task {self.task} has non-finite {what} in parameter {i}; "
+                            "nothing was merged (the task diverged: lower the learning rate or skip the task)"
+                        )
+
     # -- state_dict ------------------------------------------------------------------------------
     def _before_state_dict(self) -> None:
         if self._inside:
             raise RuntimeError("state_dict() called inside PerturbMerge.perturbed(): the weights are moved")
-        self._flush()
+        self.restore()
 
     def _wrapper_state(self, index: dict[Tensor, int]) -> dict[str, Any]:
         return {
@@ -373,7 +416,13 @@ class PerturbMerge(OptimizerWrapper):
         if not isinstance(gen_state, Tensor) or gen_state.dtype != torch.uint8:
             raise ValueError("state_dict['perturb_merge']['generator'] must be a uint8 tensor (Generator state)")
         gen = torch.Generator(device="cpu")
-        gen.set_state(gen_state.cpu())
+        try:
+            gen.set_state(gen_state.cpu())
+        except RuntimeError as exc:
+            raise ValueError(f"state_dict['perturb_merge']['generator'] is not a CPU Generator state: {exc}") from None
+        if not isinstance(saved["params"], dict):
+            raise TypeError(f"state_dict['perturb_merge']['params'] must be a dict index -> dict, got "
+                            f"{type(saved['params']).__name__}")  # fmt: skip
         pp: dict[Tensor, dict[str, Tensor]] = {}
         for i, e in saved["params"].items():
             if not isinstance(i, int) or not 0 <= i < len(params):
@@ -383,7 +432,7 @@ class PerturbMerge(OptimizerWrapper):
                 raise ValueError(f"state_dict['perturb_merge']['params'][{i}] must be a dict with keys in {_PER_PARAM}")
             new = {}
             for key, t in e.items():
-                if not isinstance(t, Tensor) or t.shape != p.shape:
+                if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != p.shape:
                     raise ValueError(f"state_dict['perturb_merge']['params'][{i}][{key!r}] must have shape "
                                      f"{tuple(p.shape)}")  # fmt: skip
                 dtype = p.dtype if key == "anchor" else torch.float32

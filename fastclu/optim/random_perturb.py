@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from fastclu._scalars import check_scalar
 from fastclu.optim._wrapper import OptimizerWrapper, _int
 from fastclu.perturb import mix_seed, perturb_many_, restore_many_
 
@@ -20,9 +21,7 @@ SCHEDULES = ("cosine", "constant")
 
 
 def _check_rho(name: str, rho: object) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {rho!r}")
-    return float(rho)
+    return float(check_scalar(name, rho, lo=0.0, tensor_ok=False))
 
 
 class RandomPerturb(OptimizerWrapper):
@@ -151,9 +150,16 @@ class RandomPerturb(OptimizerWrapper):
         return self._applied is not None
 
     def apply_noise(self) -> None:
-        """Move the weights by this step's noise (no-op where ``f(t) * rho == 0``)."""
+        """Move the weights by this step's noise (no-op where ``f(t) * rho == 0``).
+
+        Every group's ``rho`` is re-checked first (groups may have been edited). A transaction:
+        if anything raises (``KeyboardInterrupt`` included) the weights are put back before the
+        exception propagates; with ``exact=True`` bit for bit, also between two tensors.
+        """
         if self._applied is not None:
             raise RuntimeError("RandomPerturb noise is already applied (call remove_noise() first)")
+        for gi, g in enumerate(self.param_groups):
+            _check_rho(f"param_groups[{gi}]['rho']", g.get("rho", self.rho))
         f = self.ramp()
         applied = []
         try:
@@ -182,15 +188,23 @@ class RandomPerturb(OptimizerWrapper):
         self._window_opened = True
 
     def remove_noise(self) -> None:
-        """Take the noise back out (bit-exact with ``exact=True``); no-op when none is applied."""
+        """Take the noise back out (bit-exact with ``exact=True``); no-op when none is applied.
+
+        Completes a pending removal: if an earlier removal was interrupted, :attr:`noise_applied`
+        is still True and calling this again finishes it (with ``exact=True`` bit for bit: the
+        copy from the backup is idempotent; with ``exact=False`` a group whose subtraction was
+        cut mid-way cannot be told apart from one not started, so only whole groups are tracked).
+        """
         if self._applied is None:
             return
-        applied, self._applied = self._applied, None
-        for params, scale, seed, norms in applied:
+        while self._applied:
+            params, scale, seed, norms = self._applied[0]
             if norms is None:
                 restore_many_(params, [self._backup[p] for p in params], backend=self.backend)
             else:
                 perturb_many_(params, -scale, seed=seed, row_norms=norms, backend=self.backend)
+            self._applied.pop(0)
+        self._applied = None
 
     @contextmanager
     def perturbed(self) -> Iterator[None]:
@@ -216,7 +230,8 @@ class RandomPerturb(OptimizerWrapper):
             self._refuse_unperturbed_step()
         self.remove_noise()
         self.optimizer.step(**kwargs)
-        self.step_count += 1
+        if not self._inner_step_skipped():  # an AMP-skipped step does not advance the schedule
+            self.step_count += 1
         self._window_opened = False
         return loss
 

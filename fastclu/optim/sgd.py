@@ -7,20 +7,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastclu._scalars import check_scalar
 from fastclu.optim._base import RoleOptimizer, state_dtype
 
 
-def _check_hparams(lr: Any, momentum: Any, dampening: Any, weight_decay: Any, nesterov: Any) -> None:
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not momentum >= 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if not dampening >= 0.0:
-        raise ValueError(f"Invalid dampening value: {dampening}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+def _check_hparams(
+    lr: Any, momentum: Any, dampening: Any, weight_decay: Any, nesterov: Any, *, sync_ok: bool = True
+) -> None:
+    """Every hyper-parameter finite and in range, before anything is created (see ``fastclu._scalars``:
+    accelerator tensors are read only where ``sync_ok``, i.e. where the value is set, not per step)."""
+    check_scalar("lr", lr, lo=0.0, invalid="Invalid learning rate", sync_ok=sync_ok)
+    momentum = check_scalar("momentum", momentum, lo=0.0, invalid="Invalid momentum value", sync_ok=sync_ok)
+    dampening = check_scalar("dampening", dampening, lo=0.0, invalid="Invalid dampening value", sync_ok=sync_ok)
+    check_scalar("weight_decay", weight_decay, lo=0.0, invalid="Invalid weight_decay value", sync_ok=sync_ok)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+    if nesterov and not (isinstance(momentum, float) and isinstance(dampening, float)):
+        raise TypeError("nesterov=True needs momentum and dampening as numbers")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
@@ -76,8 +79,9 @@ class SGD(RoleOptimizer):
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        _check_hparams(group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"])
+    def _check_group(self, group: dict[str, Any], sync_ok: bool = False) -> None:
+        _check_hparams(group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
+                       sync_ok=sync_ok)  # fmt: skip
 
     def _needs_init(self, group: dict[str, Any], st: dict[str, Any]) -> bool:
         return group["momentum"] != 0 and st.get("momentum_buffer") is None

@@ -54,13 +54,14 @@ def _f64(hi, lo):
 
 @helper
 def _pow_int(b, n):
-    """fp64 ``b ** n`` for integers ``0 <= n < 2**32`` (square and multiply).
+    """fp64 ``b ** n`` for integers ``0 <= n < 2**63`` (square and multiply).
 
     An fp32 counter stops growing at 2**24 (``2**24 + 1`` rounds back), so ``n`` reaches 2**24
     itself: 24 bits of ``n`` would read it as 0 and give ``b ** n == 1``, a zero bias correction.
+    A loaded counter can be any fp32 value: 2**32 read with 32 bits would do the same, hence 63.
     """
     r = tl.zeros_like(b) + 1.0
-    for _ in tl.static_range(32):
+    for _ in tl.static_range(63):
         r = tl.where((n & 1) == 1, r * b, r)
         b = b * b
         n = n >> 1
@@ -165,7 +166,9 @@ def _combine_kernel(
         v = eas_new
         if AMSGRAD:
             b2p = operand_ptr(ptrs, n_tensors, 8, t, DB2, ALIGN)
-            v = tl.maximum(tl.load(b2p + offs, mask=m, other=0.0).to(tl.float32), eas_new)
+            vmax = tl.load(b2p + offs, mask=m, other=0.0).to(tl.float32)
+            # issue 17: torch.maximum propagates NaN, tl.maximum drops it
+            v = tl.maximum(vmax, eas_new, propagate_nan=tl.PropagateNan.ALL)
             tl.store(b2p + offs, v.to(DB2), mask=go)
         denom = tl.sqrt_rn(v) / bc2_sqrt + eps
         theta = theta + (-step_size * ea_new) / denom
@@ -206,7 +209,8 @@ def _step_kernel(
         fi = tl.zeros([TB], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
         step = tl.where(fi == 0.0, step, old)
     tl.store(sp, step.to(DST), mask=ok)
-    n = tl.maximum(step.to(tl.int64), 1)  # a skipped first step has no coefficients: avoid 1 / 0
+    # issue 17: clamped to 2**62 before the cast (beyond, beta ** n is 0 in fp64 anyway)
+    n = tl.maximum(tl.minimum(step, 4.611686018427388e18).to(tl.int64), 1)  # max: avoid 1 / 0 on a skipped first step
     lr64 = tl.load(lr_ptr).to(tl.float32).to(tl.float64) if LR_T else _f64(lr_hi, lr_lo)
     # as torch does in Python floats: 1 - beta ** step, lr / bc1, sqrt(bc2), then rounded to fp32
     bc1 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + _f64(b1_hi, b1_lo), n)

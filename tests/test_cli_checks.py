@@ -1,0 +1,67 @@
+"""``fastclu demo`` / ``fastclu bench``: bad arguments refused before any work, exit status 2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fastclu import bench
+from fastclu.demo import digits
+
+
+def _refused(main, argv: list[str], flag: str, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    def no_work(*a, **k):  # the work must not start
+        raise AssertionError("work started despite a bad argument")
+
+    monkeypatch.setattr(digits, "run_demo", no_work)
+    monkeypatch.setattr(bench, "Config", no_work)
+    # demo returns 2 (as it did for a bad --device); bench exits 2 like argparse
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--sfron-clip", "-1"], "--sfron-clip"),
+        (["--sfron-clip", "0"], "--sfron-clip"),
+        (["--sfron-clip", "nan"], "--sfron-clip"),
+        (["--device", "nosuch"], "--device"),
+        (["--out", "{file}/sub"], "--out"),
+    ],
+)
+def test_demo_bad_arguments(argv, flag, capsys, monkeypatch, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    _refused(digits.main, argv, flag, capsys, monkeypatch)
+
+
+def test_demo_out_checked_first(tmp_path, capsys, monkeypatch) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    # --out is reported even when another argument is bad too
+    _refused(digits.main, ["--out", str(f), "--seed", "-1"], "--out", capsys, monkeypatch)
+    assert f.read_text() == "x" and not os.path.isdir(f)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--device", "nosuch"], "--device"),
+        (["--ops", ","], "--ops"),
+        (["--dtypes", ","], "--dtypes"),
+        (["--backends", ""], "--backends"),
+        (["--out", "{file}/sub"], "--out"),
+    ],
+)
+def test_bench_bad_arguments(argv, flag, capsys, monkeypatch, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    _refused(bench.main, argv, flag, capsys, monkeypatch)
