@@ -115,6 +115,8 @@ def pm_fastclu_step(params: list[Tensor], backend: str) -> Step:
                        eps=PM_EPS, probs=(0.0, 1.0, 0.0), fold_restore=_adamw_folds(), backend=backend)  # fmt: skip
     opt.accumulate_fisher()
     opt.end_task()
+    with opt.perturbed():  # PerturbMerge refuses a step whose gradients were taken outside the window
+        pass
     opt.step()
 
     def step() -> None:
