@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "IGNORE_INDEX",
+    "ExampleList",
     "LossFn",
+    "as_dataset",
     "as_loader",
     "batch_size_of",
     "classification_loss",
@@ -47,6 +49,7 @@ __all__ = [
     "run_model",
     "split_batch",
     "to_device",
+    "unbatch",
     "with_targets",
 ]
 
@@ -235,3 +238,37 @@ def as_loader(data: Any, batch_size: int = 64, *, seed: int = 0, shuffle: bool =
     if isinstance(data, Iterable) and not isinstance(data, (Tensor, str, Mapping)):
         return data
     raise TypeError(f"{name} must be a DataLoader, a Dataset or an iterable of batches, got {type(data).__name__}")
+
+
+def unbatch(batch: Any) -> list[Any]:
+    """The single examples of a batch: ``(x[i], y[i], ...)`` tuples or ``{k: v[i]}`` dicts
+    (what a DataLoader's default collate stacks back into the batch)."""
+    n = batch_size_of(batch)
+    if isinstance(batch, Mapping):
+        return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    return [tuple(f[i] for f in batch) for i in range(n)]
+
+
+class ExampleList(Dataset):
+    """A map-style Dataset over a list of single examples (see :func:`unbatch`)."""
+
+    def __init__(self, examples: list[Any]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.examples[i]
+
+
+def as_dataset(data: Any, name: str = "data") -> Dataset:
+    """A map-style Dataset of single examples: Datasets as they are, a DataLoader's ``.dataset``,
+    any other iterable of batches materialised example by example."""
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return data
+    if isinstance(data, DataLoader) and hasattr(data.dataset, "__len__"):
+        return data.dataset
+    if isinstance(data, Iterable) and not isinstance(data, (Tensor, str, Mapping)):
+        return ExampleList([ex for batch in data for ex in unbatch(batch)])
+    raise TypeError(f"{name} must be a Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}")
