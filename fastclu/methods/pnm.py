@@ -106,6 +106,8 @@ def perturb_and_merge(
             empirical Fisher at an optimum scales with the squared loss there, so tasks fit to
             different loss levels weigh differently by orders of magnitude in ``alpha``.
         after_task: called as ``after_task(i, model)`` after task ``i`` is merged (not timed).
+            Non-contiguous parameters (channels_last) are held in contiguous memory during the
+            call (P&M's perturbation ops need it) and get their layout back on return.
         loss_fn, optimizer, optimizer_kwargs, batch_size, progress, callback, log_every, backend:
             as in :mod:`fastclu.methods.baselines`; a callback evaluating every old task every
             ``log_every`` steps is continual evaluation (entries carry ``"task"``).
@@ -140,6 +142,7 @@ def perturb_and_merge(
                             "normalize_fisher": normalize_fisher, "head_params": len(run.head)}  # fmt: skip
     wall = 0.0
     pm = None
+    layouts = _make_contiguous_(params)
     try:
         with use_backend(backend):
             for i, data in enumerate(tasks):
@@ -164,7 +167,30 @@ def perturb_and_merge(
                     after_task(i, model)
     finally:
         mon.close()
+        _restore_layout_(layouts)
     return MethodResult("P&M", wall, steps_per_task * len(tasks), info, mon.history)
+
+
+def _make_contiguous_(params: list[Tensor]) -> list[tuple[Tensor, tuple[int, ...]]]:
+    """Give non-contiguous (channels_last, transposed) parameters contiguous storage for the run.
+
+    PerturbMerge's perturbation and merge ops work on contiguous memory; the parameter objects
+    stay the same (optimizers and hooks keep them), only their ``.data`` is re-laid out.
+    Returns what :func:`_restore_layout_` needs to put the original strides back.
+    """
+    moved = []
+    with torch.no_grad():
+        for p in params:
+            if not p.is_contiguous():
+                moved.append((p, p.stride()))
+                p.data = p.data.contiguous()
+    return moved
+
+
+def _restore_layout_(moved: list[tuple[Tensor, tuple[int, ...]]]) -> None:
+    with torch.no_grad():
+        for p, stride in moved:
+            p.data = torch.empty_strided(p.shape, stride, dtype=p.dtype, device=p.device).copy_(p.data)
 
 
 def _train_task(run: _Setup, pm: Any, opts: list, loader: Any, loss_fn: LossFn, task: int) -> None:
