@@ -188,6 +188,8 @@ def make_optimizer(
         return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kw)
     if optimizer == "adamw":
         return AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
+    if isinstance(optimizer, str):
+        raise ValueError(f"optimizer must be 'sgd', 'adamw' or a factory params -> optimizer, got {optimizer!r}")  # noqa: TRY004
     if not callable(optimizer):
         raise TypeError(f"optimizer must be 'sgd', 'adamw' or a factory params -> optimizer, got {optimizer!r}")
     opt = optimizer(params)

@@ -66,7 +66,6 @@ def _channels_last_cnn() -> tuple[nn.Module, Dataset]:
     return model, TensorDataset(x.contiguous(memory_format=torch.channels_last), y)
 
 
-
 def _tiny_bert() -> tuple[nn.Module, Dataset]:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -93,7 +92,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Dataset]]] = {
 def _run(method: str, model: nn.Module, ds: Dataset) -> None:
     n = len(ds)
     forget, remain = Subset(ds, range(8)), Subset(ds, range(8, n))
-    tasks = [Subset(ds, range(0, n // 2)), Subset(ds, range(n // 2, n))]
+    tasks = [Subset(ds, range(n // 2)), Subset(ds, range(n // 2, n))]
     kw = {"batch_size": 8, "progress": False, "backend": "reference"}
     if method == "sfron":
         sfron(model, forget, remain, iters=4, forget_every=2, **kw)
