@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
     "ForgetSplit",
@@ -28,8 +28,10 @@ __all__ = [
 
 
 @dataclass
-class Subset:
+class Subset(Dataset):
     """A labelled set of examples: ``x`` float32 ``[N, 64]``, ``y`` int64 ``[N]``.
+
+    A map-style Dataset (``subset[i] == (x[i], y[i])``), so methods take it like any other.
 
     ``ids`` int64 ``[N]`` are the examples' indices in :func:`load_digits`, so that a stream can
     tell which stored examples a request refers to.
@@ -41,6 +43,9 @@ class Subset:
 
     def __len__(self) -> int:
         return int(self.y.numel())
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
 
     def take(self, idx: Tensor) -> Subset:
         return Subset(self.x[idx], self.y[idx], self.ids[idx])

@@ -1,19 +1,28 @@
 """How unlearning and continual learning are measured (as in the SalUn / SFR-on / CL literature).
 
 Accuracies are percentages in [0, 100]. Membership inference (MIA) efficacy is the percentage
-of forget examples that a loss-based attack, fitted to tell remain examples (members) from
-test examples (non-members), classifies as non-members: 100 means the model treats the
-forget set like data it never saw.
+of forget examples that an attack, fitted to tell remain examples (members) from test examples
+(non-members), classifies as non-members: 100 means the model treats the forget set like data
+it never saw. The standard of the field (SalUn, SFR-on: ``evaluation/svc_mia.py``) is
+:func:`svc_mia`, an RBF SVC on one output feature (confidence, entropy, modified entropy);
+:func:`mia_efficacy`, a one-dimensional loss threshold, is kept beside it.
+
+Data may be a :class:`fastclu.data.Subset` (one batch), a DataLoader or any iterable of
+batches in the :mod:`fastclu.losses` forms (tuples or HF-style dicts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from fastclu.losses import logits_of, run_model, split_batch, to_device
 
 __all__ = [
     "accuracy",
@@ -22,16 +31,21 @@ __all__ = [
     "cl_summary",
     "loss_threshold",
     "mia_efficacy",
+    "svc_mia",
     "unlearning_metrics",
 ]
 
-UNLEARN_KEYS = ("forget_acc", "remain_acc", "test_acc", "mia")
+# The average gap's keys: the SVC MIA-efficacy (confidence feature) is the standard one.
+UNLEARN_KEYS = ("forget_acc", "remain_acc", "test_acc", "mia_svc")
+SVC_FEATURES = ("confidence", "entropy", "m_entropy")
 
 
-def _batches(data: object) -> Iterable[tuple[Tensor, Tensor]]:
-    # A loader yields (x, y) batches; a Subset-like object (with .x and .y) is one batch.
+def _batches(data: object) -> Iterable[Any]:
+    # A loader yields batches; a Subset-like object (with .x and .y) is one batch.
     if hasattr(data, "x") and hasattr(data, "y"):
         return [(data.x, data.y)]
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        return DataLoader(data, batch_size=256, shuffle=False)
     return data  # type: ignore[return-value]
 
 
@@ -39,11 +53,14 @@ def _batches(data: object) -> Iterable[tuple[Tensor, Tensor]]:
 def _outputs(model: nn.Module, data: object, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     was_training = model.training
     model.eval()
-    dev = device if device is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
     logits, labels = [], []
     try:
-        for x, y in _batches(data):
-            logits.append(model(x.to(dev)).float().cpu())
+        for batch in _batches(data):
+            inputs, y, _ = split_batch(batch)
+            if y is None:
+                raise ValueError("metrics need labelled batches (tuple field 1 or 'labels')")
+            logits.append(logits_of(run_model(model, to_device(inputs, dev))).float().cpu())
             labels.append(y.cpu())
     finally:
         model.train(was_training)
@@ -137,20 +154,87 @@ def mia_efficacy(
     return 100.0 * float((ff > tau).mean())
 
 
+def _svc_features(model: nn.Module, data: object, device: torch.device | str | None) -> dict[str, np.ndarray]:
+    """``[N, 1]`` float64 per feature: true-class confidence, entropy, modified entropy (Song & Mittal 2021)."""
+    logits, y = _outputs(model, data, device)
+    p = torch.softmax(logits.double(), 1)
+    logp = torch.log(p.clamp_min(1e-30))
+    log1mp = torch.log((1.0 - p).clamp_min(1e-30))
+    py = p.gather(1, y[:, None]).squeeze(1)
+    onehot = F.one_hot(y, p.shape[1]).bool()
+    # Mentr = -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i)
+    m_ent = -(1.0 - py) * logp.gather(1, y[:, None]).squeeze(1) - (p * log1mp).masked_fill(onehot, 0.0).sum(1)
+    feats = {"confidence": py, "entropy": -(p * logp).sum(1), "m_entropy": m_ent}
+    return {k: v.numpy()[:, None] for k, v in feats.items()}
+
+
+def svc_mia(
+    model: nn.Module,
+    forget: object,
+    remain: object,
+    test: object,
+    *,
+    features: Sequence[str] = SVC_FEATURES,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """SVC MIA-efficacy on ``forget``, in percent, per feature (SalUn / SFR-on ``svc_mia.py``).
+
+    For each feature an RBF SVC (scikit-learn, ``C=3, gamma="auto"``) is trained to tell remain
+    examples (members, label 1) from test examples (non-members, label 0); as in that code the
+    remain set is first subsampled (seeded) to the test set's size, so the classes are
+    balanced. The efficacy is the share of forget examples it predicts non-members.
+    """
+    from sklearn.svm import SVC
+
+    unknown = [f for f in features if f not in SVC_FEATURES]
+    if unknown or not features:
+        raise ValueError(f"features must be a non-empty subset of {SVC_FEATURES}, got {list(features)}")
+    fr, ft, ff = (_svc_features(model, d, device) for d in (remain, test, forget))
+    n_r, n_t, n_f = (len(x["confidence"]) for x in (fr, ft, ff))
+    if n_f == 0:
+        return {f: float("nan") for f in features}
+    if n_r == 0 or n_t == 0:
+        raise ValueError("svc_mia needs non-empty remain and test sets to fit the attack")
+    keep = np.random.default_rng(seed).permutation(n_r)[: min(n_r, n_t)]
+    out = {}
+    for f in features:
+        x = np.concatenate([fr[f][keep], ft[f]])
+        y = np.concatenate([np.ones(len(keep)), np.zeros(n_t)])
+        clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+        out[f] = 100.0 * float(1.0 - clf.predict(ff[f]).mean())
+    return out
+
+
 def unlearning_metrics(
     model: nn.Module,
     forget: object,
     remain: object,
     test: object,
     *,
+    attack_test: object = None,
+    seed: int = 0,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """The four unlearning numbers: ``forget_acc``, ``remain_acc``, ``test_acc``, ``mia`` (all %)."""
+    """The unlearning numbers (all %): ``forget_acc``, ``remain_acc``, ``test_acc``, ``mia_svc``
+    (SVC MIA-efficacy on the confidence feature, the standard), ``mia_svc_entropy``,
+    ``mia_svc_m_entropy`` and ``mia`` (the loss-threshold attack).
+
+    ``attack_test``: the non-members the attacks are fitted on (default ``test``). For class
+    forgetting pass the whole test set (with the forgotten class): fitted on the remaining
+    classes only, the attacks never see a low-confidence non-member and their verdict on the
+    forget set is an extrapolation (an RBF SVC's far field is the sign of its intercept).
+    """
+    attack_test = test if attack_test is None else attack_test
+    svc = svc_mia(model, forget, remain, attack_test, seed=seed, device=device)
     return {
         "forget_acc": accuracy(model, forget, device=device),
         "remain_acc": accuracy(model, remain, device=device),
         "test_acc": accuracy(model, test, device=device),
-        "mia": mia_efficacy(model, forget, remain, test, device=device),
+        "mia_svc": svc["confidence"],
+        "mia_svc_entropy": svc["entropy"],
+        "mia_svc_m_entropy": svc["m_entropy"],
+        "mia": mia_efficacy(model, forget, remain, attack_test, device=device),
     }
 
 

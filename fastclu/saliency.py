@@ -1,13 +1,18 @@
 """Saliency masks for unlearning and continual learning: Fisher accumulation, ratio mask, global top-k.
 
 A :class:`SaliencyMask` holds one bit per weight (the :mod:`fastclu.ops.bits` layout: ``uint8``,
-bit ``j % 8`` of byte ``j // 8``) for every tensor of a parameter list, plus the shapes. It is what
-:meth:`fastclu.optim.SGD.set_mask` / :meth:`fastclu.optim.AdamW.set_mask` take.
+bit ``j % 8`` of byte ``j // 8``, elements in the tensor's logical row-major order whatever its
+memory layout) for every tensor of a parameter list, plus the shapes and, optionally, the
+parameter names (``model.named_parameters()`` names). It is what
+:meth:`fastclu.optim.SGD.set_mask` / :meth:`fastclu.optim.AdamW.set_mask` take; with names it is
+matched to the optimizer's parameters by name and a mismatch is an error naming the parameter.
+
+Losses follow the contract of :mod:`fastclu.losses` (``loss_fn(model, batch) -> Tensor[B]``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,8 +20,37 @@ from torch import Tensor, nn
 
 from fastclu import distributed, ops
 from fastclu._scalars import check_scalar
+from fastclu.losses import LossFn, reduce_mean, resolve_loss, to_device
 
-__all__ = ["SaliencyMask", "fisher", "ratio_mask", "topk_mask"]
+__all__ = ["SaliencyMask", "fisher", "ratio_mask", "topk_mask", "trainable_parameters"]
+
+
+def trainable_parameters(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """Names and parameters of ``model`` that require grad (``named_parameters`` order).
+
+    The set an optimizer built as ``SGD(p for p in model.parameters() if p.requires_grad)``
+    holds: score, mask and Fisher over these, so frozen backbones and LoRA work.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def _check_names(names: object, n: int) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError("names must be a list of parameter names (str) or None")
+    out = list(names)
+    if not all(isinstance(x, str) for x in out):
+        raise TypeError("names must be a list of parameter names (str)")
+    if len(out) != n:
+        raise ValueError(f"names has {len(out)} entries for {n} masked tensors")
+    if len(set(out)) != len(out):
+        dup = sorted({x for x in out if out.count(x) > 1})
+        raise ValueError(f"names must be unique, repeated: {dup}")
+    return out
 
 
 class SaliencyMask:
@@ -25,9 +59,12 @@ class SaliencyMask:
     Attributes:
         packed: one contiguous ``uint8[ceil(numel_i / 8)]`` tensor per masked tensor.
         shapes: the shape of each masked tensor.
+        names: the parameter name of each masked tensor, or None (matched by position).
     """
 
-    def __init__(self, packed: Sequence[Tensor], shapes: Sequence[Sequence[int]]) -> None:
+    def __init__(
+        self, packed: Sequence[Tensor], shapes: Sequence[Sequence[int]], names: Sequence[str] | None = None
+    ) -> None:
         if isinstance(packed, Tensor) or not isinstance(packed, Sequence):
             raise TypeError("packed must be a list of uint8 tensors")
         if len(packed) != len(shapes):
@@ -42,15 +79,28 @@ class SaliencyMask:
                     f"packed[{i}] has {m.numel()} bytes, shape {tuple(s)} needs {ops.packed_numel(s.numel())}"
                 )
             self.packed.append(m.reshape(-1).contiguous())
+        self.names = _check_names(names, len(self.packed))
 
     @classmethod
-    def from_bool(cls, masks: Iterable[Tensor]) -> SaliencyMask:
-        """Pack a list of bool tensors (any shapes)."""
+    def from_bool(
+        cls, masks: Iterable[Tensor] | Mapping[str, Tensor], names: Sequence[str] | None = None
+    ) -> SaliencyMask:
+        """Pack bool tensors (any shapes): a list (``names`` optional) or a ``{name: mask}`` dict."""
+        if isinstance(masks, Mapping):
+            if names is not None:
+                raise TypeError("names comes from the dict's keys: do not pass both")
+            names, masks = list(masks.keys()), list(masks.values())
         masks = list(masks)
         for i, m in enumerate(masks):
             if not isinstance(m, Tensor) or m.dtype != torch.bool:
                 raise TypeError(f"masks[{i}] must be a bool tensor")
-        return cls([ops.pack_bits(m) for m in masks], [m.shape for m in masks])
+        return cls([ops.pack_bits(m.contiguous()) for m in masks], [m.shape for m in masks], names)
+
+    def by_name(self) -> dict[str, Tensor]:
+        """``{name: packed uint8 tensor}`` (needs names)."""
+        if self.names is None:
+            raise ValueError("this SaliencyMask has no parameter names (it is matched by position)")
+        return dict(zip(self.names, self.packed))
 
     def __len__(self) -> int:
         return len(self.packed)
@@ -79,24 +129,26 @@ class SaliencyMask:
 
     def to(self, device: torch.device | str) -> SaliencyMask:
         """A copy on ``device`` (the same object's data when already there)."""
-        return SaliencyMask([m.to(device) for m in self.packed], self.shapes)
+        return SaliencyMask([m.to(device) for m in self.packed], self.shapes, self.names)
 
     @property
     def device(self) -> torch.device | None:
         return self.packed[0].device if self.packed else None
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"packed": [uint8 tensors], "shapes": [[int, ...]]}``: loadable with ``weights_only=True``."""
-        return {"packed": [m.clone() for m in self.packed], "shapes": [list(s) for s in self.shapes]}
+        """``{"packed": [uint8 tensors], "shapes": [[int, ...]], "names": [str] | None}``:
+        loadable with ``weights_only=True``."""
+        return {"packed": [m.clone() for m in self.packed], "shapes": [list(s) for s in self.shapes],
+                "names": None if self.names is None else list(self.names)}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Replace this mask's content by a :meth:`state_dict` (validated before anything changes)."""
-        new = SaliencyMask(state_dict["packed"], state_dict["shapes"])
-        self.packed, self.shapes = new.packed, new.shapes
+        new = SaliencyMask.from_state_dict(state_dict)
+        self.packed, self.shapes, self.names = new.packed, new.shapes, new.names
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, Any]) -> SaliencyMask:
-        return cls(state_dict["packed"], state_dict["shapes"])
+        return cls(state_dict["packed"], state_dict["shapes"], state_dict.get("names"))
 
     def __repr__(self) -> str:
         return f"SaliencyMask(tensors={len(self)}, numel={self.numel}, density={self.density():.4f})"
@@ -115,8 +167,9 @@ def _params_list(name: str, xs: object) -> list[Tensor]:
 def fisher(
     model: nn.Module,
     loader: Iterable[Any],
-    loss_fn: Callable[..., Tensor],
+    loss_fn: LossFn | nn.Module | None = None,
     *,
+    params: Sequence[Tensor] | None = None,
     power: int = 2,
     backend: str | None = None,
     group: Any = None,
@@ -124,43 +177,46 @@ def fisher(
     """Diagonal empirical Fisher: the mean over batches of the squared batch gradient ``g_b**2``.
 
     Args:
-        model: the network; each batch ``(inputs, targets)`` is scored as
-            ``loss_fn(model(inputs), targets)`` (longer tuples: ``model(*batch[:-1])``).
-            The model's mode (train/eval) is left as the caller set it.
-        loader: iterable of batches.
-        loss_fn: e.g. ``torch.nn.CrossEntropyLoss()``; must return a scalar.
+        model: the network. The model's mode (train/eval) is left as the caller set it.
+        loader: iterable of batches (tuples or HF-style mappings, moved to the parameters' device).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` (:mod:`fastclu.losses`; its mean is the
+            batch loss); None: cross-entropy on ``(inputs, targets)``; a torch loss module such
+            as ``nn.CrossEntropyLoss()`` is taken as a ``criterion(logits, targets)``.
+        params: the parameters to score, e.g. an optimizer's (``trainable_parameters(model)[1]``);
+            None: every ``model.parameters()`` entry.
         power: 2 for ``g**2`` (Fisher), 1 for ``|g|``.
         group: DDP: the process group whose ranks' Fishers are summed (each rank's batches count
             as batches of one Fisher); None: the DDP model's own group; ``distributed.LOCAL``:
             this rank's Fisher only. FSDP2 (DTensor parameters): the Fisher is kept as DTensor
             shards and a batch is one data-parallel step (FSDP averages the ranks' gradients).
     Returns:
-        one fp32 tensor per ``model.parameters()`` entry (same shapes and devices); parameters
-        that do not require grad, or get none, have zeros. The model's ``.grad`` is not touched.
+        one fp32 tensor per entry of ``params`` (same shapes and devices); parameters that do
+        not require grad, or get none, have zeros. The model's ``.grad`` is not touched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
+    if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable")
+    loss_fn = resolve_loss(loss_fn)
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power!r}")
-    params = list(model.parameters())
+    params = list(model.parameters()) if params is None else _params_list("params", params)
+    if not params:
+        raise ValueError("params is empty: nothing to score")
+    # zeros_like keeps a DTensor parameter's sharding; contiguous whatever the parameter's layout
     acc = [torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format) for p in params]
     net, reduce_over = distributed.forward_module(model), distributed.fisher_group(model, group)
     live = [i for i, p in enumerate(params) if p.requires_grad]
+    dev = params[0].device
     batches = 0
     for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError("each batch must be a tuple (inputs..., targets)")
         with torch.enable_grad():
-            loss = loss_fn(net(*batch[:-1]), batch[-1])
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError("loss_fn must return a scalar tensor")
+            loss = reduce_mean(loss_fn(net, to_device(batch, dev)))
             grads = distributed.fisher_grads(model, loss, [params[i] for i in live])
-        got = [(i, g) for i, g in zip(live, grads) if g is not None]
         by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
-        for i, g in got:
-            by_device.setdefault(g.device, []).append((i, g))
+        for i, g in zip(live, grads):
+            if g is not None:
+                by_device.setdefault(g.device, []).append((i, g))
         for pairs in by_device.values():
             ops.fisher_accumulate_([distributed.local(acc[i]) for i, _ in pairs],
                                    [distributed.local(g.contiguous()) for _, g in pairs], 1.0,
@@ -179,6 +235,7 @@ def ratio_mask(
     gamma: float | Tensor = 1.0,
     *,
     eps: float = 1e-12,
+    names: Sequence[str] | None = None,
     backend: str | None = None,
     group: Any = None,
 ) -> SaliencyMask:
@@ -187,21 +244,28 @@ def ratio_mask(
     Args:
         f_forget, f_remain: aligned lists of importances (e.g. from :func:`fisher`), one device.
         gamma: threshold ratio (float or 0-d tensor).
+        names: parameter names of the tensors, carried by the mask (None: matched by position).
         group: on several ranks, plain importances must be equal on every rank of ``group``
             (default: the world), else ``ValueError``; ``distributed.LOCAL`` skips the check.
             DTensor importances give the masks of the local shards.
     """
     f_forget = _params_list("f_forget", f_forget)
     f_remain = _params_list("f_remain", f_remain)
-    # issue 17: gamma and eps finite and >= 0 (a 0-d CPU tensor read here; device tensors trusted)
+    names = _check_names(names, len(f_forget))
+    # gamma and eps finite and >= 0 (a 0-d CPU tensor read here; device tensors trusted)
     check_scalar("gamma", gamma, lo=0.0)
     check_scalar("eps", eps, lo=0.0, tensor_ok=False)
     packed = distributed.ratio_mask(f_forget, f_remain, gamma, eps=eps, group=group, backend=backend)
-    return SaliencyMask(packed, [distributed.local(f).shape for f in f_forget])
+    return SaliencyMask(packed, [distributed.local(f).shape for f in f_forget], names)
 
 
 def topk_mask(
-    scores: Sequence[Tensor], density: float, *, backend: str | None = None, group: Any = None
+    scores: Sequence[Tensor],
+    density: float,
+    *,
+    names: Sequence[str] | None = None,
+    backend: str | None = None,
+    group: Any = None,
 ) -> SaliencyMask:
     """Exact global top-k over all elements of ``scores``, ``k = round(density * total)``.
 
@@ -210,11 +274,13 @@ def topk_mask(
     Args:
         scores: list of float tensors on one device (e.g. ``|summed gradient|`` for SalUn).
         density: fraction of elements to keep, in ``[0, 1]``.
+        names: parameter names of the tensors, carried by the mask (None: matched by position).
         group: as in :func:`ratio_mask`. DTensor scores: a distributed radix select over the
             shards (:func:`fastclu.distributed.topk_mask`); the mask covers the local shards and
             exactly ``k`` bits are set over all ranks.
     """
     scores = _params_list("scores", scores)
+    names = _check_names(names, len(scores))
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise TypeError(f"density must be a float, got {type(density).__name__}")
     if not 0.0 <= float(density) <= 1.0:
@@ -222,4 +288,4 @@ def topk_mask(
     total = sum(s.numel() for s in scores)
     k = min(total, round(float(density) * total))
     packed = distributed.topk_mask(scores, k, group=group, backend=backend)
-    return SaliencyMask(packed, [distributed.local(s).shape for s in scores])
+    return SaliencyMask(packed, [distributed.local(s).shape for s in scores], names)

@@ -138,3 +138,39 @@ def test_cl_summary_against_loops() -> None:
     assert M.cl_summary([[42.0]]) == {"avg_acc": 42.0, "bwt": 0.0, "forgetting": 0.0}
     with pytest.raises(ValueError, match="matrix"):
         M.cl_summary(np.zeros((2, 3)))
+
+
+def test_svc_mia_features_and_verdicts() -> None:
+    torch.manual_seed(int(torch.randint(1 << 30, (1,))))
+    model = nn.Linear(5, 4)
+    x = torch.randn(40, 5)
+    z = model(x).detach().double()
+    y = torch.randint(4, (40,))
+    feats = M._svc_features(model, Subset(x, y, torch.arange(40)), None)
+    p = torch.softmax(z, 1).numpy()
+    yy = y.numpy()
+    py = p[np.arange(40), yy]
+    others = np.ones_like(p, dtype=bool)
+    others[np.arange(40), yy] = False
+    m_ent = -(1 - py) * np.log(py) - np.where(others, p * np.log(1 - p), 0.0).sum(1)
+    np.testing.assert_allclose(feats["confidence"][:, 0], py, rtol=1e-9)
+    np.testing.assert_allclose(feats["entropy"][:, 0], -(p * np.log(p)).sum(1), rtol=1e-9)
+    np.testing.assert_allclose(feats["m_entropy"][:, 0], m_ent, rtol=1e-9)
+    # Members fit (label = prediction), non-members mislabelled: a forget set like the non-members is
+    # called non-member (efficacy high), one like the members is not.
+    xr, xt, xf = torch.randn(120, 5) * 3, torch.randn(120, 5) * 3, torch.randn(60, 5) * 3
+
+    def pred(v: torch.Tensor) -> torch.Tensor:
+        return model(v).detach().argmax(1)
+
+    remain = Subset(xr, pred(xr), torch.arange(120))
+    test = Subset(xt, pred(xt).add(1).remainder(4), torch.arange(120))
+    hi = M.svc_mia(model, Subset(xf, pred(xf).add(2).remainder(4), torch.arange(60)), remain, test)
+    lo = M.svc_mia(model, Subset(xf, pred(xf), torch.arange(60)), remain, test)
+    assert set(hi) == {"confidence", "entropy", "m_entropy"}
+    assert hi["confidence"] > 80 and lo["confidence"] < 20 and hi["m_entropy"] > 80 and lo["m_entropy"] < 20
+    assert math.isnan(M.svc_mia(model, _subset(0), remain, test)["confidence"])
+    with pytest.raises(ValueError, match="features"):
+        M.svc_mia(model, remain, remain, test, features=["loss"])
+    out = M.unlearning_metrics(model, Subset(xf, pred(xf), torch.arange(60)), remain, test)
+    assert out["mia_svc"] == pytest.approx(lo["confidence"]) and set(M.UNLEARN_KEYS) <= set(out)

@@ -7,6 +7,8 @@ import io
 import pytest
 import torch
 
+import fastclu
+import fastclu.optim
 from fastclu import saliency
 from fastclu.saliency import SaliencyMask
 
@@ -114,3 +116,64 @@ def test_saliency_mask_container():
     with pytest.raises(TypeError):
         SaliencyMask([torch.zeros(5)], [(40,)])
     assert "SaliencyMask" in repr(m)
+
+
+def _frozen_model():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    m[0].weight.requires_grad_(False)
+    return m
+
+
+def test_fisher_over_given_params_and_contract_losses():
+    model = _frozen_model()
+    names, params = saliency.trainable_parameters(model)
+    assert names == ["0.bias", "2.weight", "2.bias"]
+    loader = _loader(2)
+    got = saliency.fisher(model, loader, params=params)  # default loss: cross-entropy on (x, y)
+    full = saliency.fisher(model, loader, torch.nn.CrossEntropyLoss())
+    assert len(got) == 3
+    for g, f in zip(got, full[1:]):
+        torch.testing.assert_close(g, f)
+    # dict batches through an HF-style loss
+    dict_loader = [{"x": x, "labels": y} for x, y in loader]
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.cross_entropy(m(batch["x"]), batch["labels"], reduction="none")
+
+    for g, f in zip(saliency.fisher(model, dict_loader, loss_fn, params=params), got):
+        torch.testing.assert_close(g, f)
+
+
+def test_named_mask_matches_by_name_and_refuses_mismatches():
+    model = _frozen_model()
+    names, params = saliency.trainable_parameters(model)
+    keep = {n: torch.rand(p.shape) < 0.5 for n, p in zip(names, params)}
+    mask = saliency.SaliencyMask.from_bool(keep)
+    assert mask.names == names and list(mask.by_name()) == names
+    again = saliency.SaliencyMask.from_state_dict(mask.state_dict())
+    assert again.names == names
+    # the optimizer lists the parameters in another order: matched by name, not position
+    opt = fastclu.optim.SGD(params[::-1], lr=0.1, backend="reference")
+    opt.set_mask(mask, mode="update", names=model)
+    for n, p in zip(names, params):
+        assert torch.equal(fastclu.ops.unpack_bits(opt.state[p]["mask"], p.numel(), p.shape), keep[n])
+    # a {name: mask} dict needs names, and every optimizer parameter needs an entry
+    opt.set_mask(None)
+    with pytest.raises(TypeError, match="names"):
+        opt.set_mask(keep)
+    with pytest.raises(ValueError, match=r"'2.bias'"):
+        opt.set_mask({k: v for k, v in keep.items() if k != "2.bias"}, names=dict(model.named_parameters()))
+    with pytest.raises(ValueError, match=r"'0.weight'"):
+        opt.set_mask({**keep, "0.weight": torch.ones(6, 4, dtype=torch.bool)}, names=model)
+    # shapes: a mask of the right size but the wrong shape names the parameter
+    bad = saliency.SaliencyMask.from_bool({**keep, "2.weight": torch.ones(6, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"mask\['2.weight'\] has shape \(6, 3\) but 2.weight has \(3, 6\)"):
+        opt.set_mask(bad, names=model)
+    assert all("mask" not in opt.state.get(p, {}) for p in params), "nothing installed by a refused mask"
+    # positional (no names): count and shape still checked against the mask's own shapes
+    with pytest.raises(ValueError, match="entries"):
+        fastclu.optim.SGD(params[:2], lr=0.1).set_mask(mask)
+    with pytest.raises(ValueError, match="shape"):
+        fastclu.optim.SGD(params[::-1], lr=0.1).set_mask(saliency.SaliencyMask.from_bool(list(keep.values())))
+    with pytest.raises(ValueError, match="unique"):
+        saliency.SaliencyMask.from_bool(list(keep.values()), names=["a", "a", "b"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ class Settings:
     # picked for this MLP after seeing remain accuracy 3.0-4.4 points under retrain at 7.0
     # (seeds 0-2), i.e. informed by the metric: `--sfron-clip 7` reproduces the paper setting.
     sfron_clip: float = 3.0
+    eval_every: int = 10  # continual evaluation of every task during the sequence (steps)
 
     @staticmethod
     def quick() -> Settings:
@@ -79,8 +81,11 @@ def run_unlearning(kind: str, seed: int, s: Settings, device: torch.device, tick
     def ld(subset: D.Subset) -> torch.utils.data.DataLoader:
         return D.loader(subset, s.batch_size, seed=seed)
 
+    # The attacks' non-members: every held-out image, the forgotten class's included (metrics.unlearning_metrics).
+    attack_test = D.Subset.cat([sp.test, sp.test_forget]) if len(sp.test_forget) else sp.test
+
     def ev(m: nn.Module) -> dict[str, float]:
-        return M.unlearning_metrics(m, sp.forget, sp.remain, sp.test)
+        return M.unlearning_metrics(m, sp.forget, sp.remain, sp.test, attack_test=attack_test, seed=seed)
 
     original = make_mlp(seed=seed).to(device)
     t0 = time.perf_counter()
@@ -88,31 +93,40 @@ def run_unlearning(kind: str, seed: int, s: Settings, device: torch.device, tick
     rows = {"original": {**ev(original), "wall_s": time.perf_counter() - t0, "steps": s.train_steps}}
     tick()
     oracle = make_mlp(seed=seed + 100).to(device)
-    res = retrain(oracle, ld(sp.remain), steps=s.train_steps)
+    res = retrain(oracle, ld(sp.remain), steps=s.train_steps, progress=False)
     rows["retrain"] = {**ev(oracle), "wall_s": res.wall_s, "steps": res.steps}
     tick()
+    q = {"progress": False, "seed": seed}
     methods = {
-        "FT": lambda m: finetune(m, ld(sp.remain), steps=s.ft_steps, lr=0.05),
-        "GA": lambda m: gradient_ascent(m, ld(sp.forget), steps=s.ga_steps, lr=0.01),
-        "SalUn": lambda m: salun(m, ld(sp.forget), ld(sp.remain), steps=s.salun_steps, seed=seed),
-        # Official SFR-on defaults except T (a digits MLP needs far fewer than 1500 iterations)
-        # and the clip (Settings.sfron_clip: the bound is in gradient-norm units of the network).
-        "SFR-on": lambda m: sfron(m, ld(sp.forget), ld(sp.remain), iters=s.sfron_iters, clip=s.sfron_clip),
+        "FT": lambda m: finetune(m, ld(sp.remain), steps=s.ft_steps, lr=0.05, **q),
+        "GA": lambda m: gradient_ascent(m, ld(sp.forget), steps=s.ga_steps, lr=0.01, **q),
+        "SalUn": lambda m: salun(m, ld(sp.forget), ld(sp.remain), steps=s.salun_steps, **q),
+        # Official SFR-on loop and defaults except T (a digits MLP needs far fewer than 1500
+        # iterations) and the clip (Settings.sfron_clip: the bound is in gradient-norm units).
+        "SFR-on": lambda m: sfron(m, ld(sp.forget), ld(sp.remain), iters=s.sfron_iters, clip=s.sfron_clip, **q),
     }
-    for name, fn in methods.items():
-        m = copy.deepcopy(original)
-        res = fn(m)
-        rows[name] = {
-            **ev(m),
-            "wall_s": res.wall_s,
-            "steps": res.steps,
-            **{f"info_{k}": v for k, v in res.info.items()},
-        }
-        tick()
-    for row in rows.values():
+    # The named non-official variants, shown beside the official forms (not in the average-gap claims).
+    variants = {
+        "SFR-on (alternating)": lambda m: sfron(m, ld(sp.forget), ld(sp.remain), iters=s.sfron_iters,
+                                                clip=s.sfron_clip, loop="alternating", **q),
+        "SalUn (paired)": lambda m: salun(m, ld(sp.forget), ld(sp.remain), steps=s.salun_steps,
+                                          composition="paired", **q),
+    }  # fmt: skip
+    extra: dict[str, dict] = {}
+    for table, fns in ((rows, methods), (extra, variants)):
+        for name, fn in fns.items():
+            m = copy.deepcopy(original)
+            res = fn(m)
+            table[name] = {**ev(m), "wall_s": res.wall_s, "steps": res.steps,
+                           **{f"info_{k}": v for k, v in res.info.items()}}  # fmt: skip
+            tick()
+    for row in [*rows.values(), *extra.values()]:
         row["avg_gap"] = M.average_gap(row, rows["retrain"])
+        row["avg_gap_loss_mia"] = M.average_gap(row, rows["retrain"], keys=("forget_acc", "remain_acc", "test_acc",
+                                                                             "mia"))  # fmt: skip
+        row["time_vs_retrain"] = row["wall_s"] / rows["retrain"]["wall_s"]
     return {"kind": kind, "info": sp.info, "sizes": {"forget": len(sp.forget), "remain": len(sp.remain),
-            "test": len(sp.test)}, "rows": rows}  # fmt: skip
+            "test": len(sp.test)}, "rows": rows, "variants": extra}  # fmt: skip
 
 
 def run_sequence(seed: int, s: Settings, device: torch.device, tick: Callable[[], None]) -> dict:
@@ -134,32 +148,54 @@ def run_sequence(seed: int, s: Settings, device: torch.device, tick: Callable[[]
 
         return cb
 
+    def continual(step: int, losses: dict, m: nn.Module) -> dict:
+        # Continual evaluation: every old (and future) task's class-IL test accuracy, every eval_every steps.
+        return {"acc": [M.accuracy(m, t.test) for t in tasks]}
+
+    q = {"progress": False, "callback": continual, "log_every": s.eval_every}
     for name, fn in (
         ("naive", lambda m, cb: naive_sequential(m, lds(), steps_per_task=s.task_steps, task_classes=classes,
-                                                 after_task=cb)),
+                                                 after_task=cb, **q)),
         ("P&M", lambda m, cb: perturb_and_merge(m, lds(), steps_per_task=s.task_steps, task_classes=classes,
-                                                after_task=cb, seed=seed)),
+                                                after_task=cb, seed=seed, **q)),
         # Not the paper's method: the classifier is kept out of the perturbation / merge (as the
         # paper's per-task heads are) and each task's Fisher enters at unit trace. From scratch,
         # a task fit to ~0 loss has an empirical Fisher ~9 orders smaller than another's, so
         # plain P&M's alpha weighs tasks by how tightly they were fit (see pnm.py).
         (PNM_VARIANT, lambda m, cb: perturb_and_merge(m, lds(), steps_per_task=s.task_steps, task_classes=classes,
                                                       after_task=cb, seed=seed, head=list(m[-1].parameters()),
-                                                      normalize_fisher=True)),
+                                                      normalize_fisher=True, **q)),
     ):  # fmt: skip
         mats = {"class_il": [[0.0] * len(tasks) for _ in tasks], "task_il": [[0.0] * len(tasks) for _ in tasks]}
         res = fn(make_mlp(seed=seed).to(device), recorder(mats))
+        curve = [{"step": h["step"], "task": h["task"], "acc": h["acc"]} for h in res.history]
         out[name] = {"matrix": mats, "class_il": M.cl_summary(mats["class_il"]), "task_il": M.cl_summary(mats["task_il"]),
-                     "wall_s": res.wall_s, "steps": res.steps, "info": res.info}  # fmt: skip
+                     "wall_s": res.wall_s, "steps": res.steps, "info": res.info, "continual": curve,
+                     "stability_gap": stability_gap(curve, len(tasks))}  # fmt: skip
     m = make_mlp(seed=seed).to(device)
-    res = joint(m, D.loader(D.Subset.cat([t.train for t in tasks]), s.batch_size, seed=seed), steps=s.train_steps)
+    res = joint(m, D.loader(D.Subset.cat([t.train for t in tasks]), s.batch_size, seed=seed), steps=s.train_steps,
+                progress=False)  # fmt: skip
     accs = [M.accuracy(m, t.test) for t in tasks]
     til = [M.accuracy(m, t.test, classes=t.classes) for t in tasks]
     out["joint"] = {"class_il": {"avg_acc": float(np.mean(accs)), "bwt": float("nan"), "forgetting": float("nan")},
                     "task_il": {"avg_acc": float(np.mean(til)), "bwt": float("nan"), "forgetting": float("nan")},
                     "final_row": accs, "wall_s": res.wall_s, "steps": res.steps}  # fmt: skip
+    for row in out.values():
+        row["time_vs_joint"] = row["wall_s"] / out["joint"]["wall_s"]
     tick()
-    return {"tasks": [list(c) for c in classes], "rows": out}
+    return {"tasks": [list(c) for c in classes], "rows": out, "eval_every": s.eval_every}
+
+
+def stability_gap(curve: list[dict], n_tasks: int) -> float:
+    """Mean over tasks j < T-1 of the dip of task j's accuracy while task j+1 trains: accuracy at
+    the last evaluation of task j minus the lowest one during task j+1 (points; continual evaluation)."""
+    dips = []
+    for j in range(n_tasks - 1):
+        end = [h["acc"][j] for h in curve if h["task"] == j]
+        nxt = [h["acc"][j] for h in curve if h["task"] == j + 1]
+        if end and nxt:
+            dips.append(end[-1] - min(nxt))
+    return float(np.mean(dips)) if dips else float("nan")
 
 
 def run_clu(seed: int, s: Settings, device: torch.device, tick: Callable[[], None]) -> dict:
@@ -198,13 +234,15 @@ def run_clu(seed: int, s: Settings, device: torch.device, tick: Callable[[], Non
         if req.kind == "unlearn":
             remain, _, _ = state_sets()
             oracle = make_mlp(seed=seed + 100 + i).to(device)
-            retrain(oracle, D.loader(remain, s.batch_size, seed=seed), steps=s.train_steps)
+            rres = retrain(oracle, D.loader(remain, s.batch_size, seed=seed), steps=s.train_steps, progress=False)
             row["retrain"] = evaluate(oracle)
+            row["retrain_wall_s"] = rres.wall_s
         history.append(row)
         tick()
 
     res = ug_clu(make_mlp(seed=seed).to(device), reqs, learn_steps=s.clu_learn_steps,
-                 unlearn_iters=s.clu_unlearn_iters, batch_size=s.batch_size, seed=seed, after_request=after)  # fmt: skip
+                 unlearn_iters=s.clu_unlearn_iters, batch_size=s.batch_size, seed=seed, after_request=after,
+                 progress=False)  # fmt: skip
     return {"requests": [r.name for r in reqs], "history": history, "wall_s": res.wall_s, "steps": res.steps,
             "info": res.info}  # fmt: skip
 
@@ -235,7 +273,7 @@ def _run_demo(s: Settings, seed: int, quick: bool, dev: torch.device, backend: s
               command: str | None) -> dict:  # fmt: skip
     from tqdm.auto import tqdm
 
-    total = 2 * 6 + 3 * 5 + 1 + 5
+    total = 2 * 8 + 3 * 5 + 1 + 5
     t0 = time.perf_counter()
     with use_backend(backend), tqdm(total=total, desc="fastclu demo", disable=not progress, file=sys.stderr) as bar:
 
@@ -250,10 +288,26 @@ def _run_demo(s: Settings, seed: int, quick: bool, dev: torch.device, backend: s
         backend_used = _backend_name(dev)
     out["meta"] = {
         "seed": seed, "quick": quick, "device": str(dev), "backend_requested": backend,
-        "backend_used": backend_used, "settings": asdict(s), "wall_s": time.perf_counter() - t0,
+        "backend_used": backend_used, "settings": asdict(s), "method_settings": _method_settings(s),
+        "wall_s": time.perf_counter() - t0,
         "torch": torch.__version__, "python": platform.python_version(), "command": command,
     }  # fmt: skip
     return out
+
+
+def _method_settings(s: Settings) -> dict:
+    """What the demo runs against each method's defaults (the paper's, for SFR-on and SalUn)."""
+    return {
+        "SFR-on": {"loop": "official", "iters": s.sfron_iters, "clip": s.sfron_clip, "forget_every": 5, "lr": 0.01,
+                   "alpha_f": 25.0, "lam": 0.5, "gamma": 1.0, "mask_mode": "grad",
+                   "paper": {"iters": 1500, "clip": 7.0, "forget_every": 5, "lr": 0.01, "alpha_f": 25.0, "lam": 0.5,
+                             "gamma": 1.0},
+                   "why": "T and the clip are scaled to a digits MLP (the paper's are ResNet-18 / CIFAR-10)"},
+        "SalUn": {"composition": "official", "steps": s.salun_steps, "density": 0.5, "lr": 0.01,
+                  "mask_mode": "update"},
+        "FT": {"steps": s.ft_steps, "lr": 0.05}, "GA": {"steps": s.ga_steps, "lr": 0.01},
+        "variants": {"SFR-on (alternating)": "loop='alternating'", "SalUn (paired)": "composition='paired'"},
+    }  # fmt: skip
 
 
 def _backend_name(dev: torch.device) -> str:
@@ -286,14 +340,20 @@ def format_tables(res: dict) -> str:
     for kind, sc in res["unlearning"].items():
         title = (f"Unlearning: forget digit {sc['info']['forget_class']}" if kind == "class"
                  else f"Unlearning: forget {int(100 * sc['info']['frac'])}% random training examples")  # fmt: skip
-        hdr = ["method", "forget acc", "remain acc", "test acc", "MIA", "avg gap", "time s", "steps"]
-        rows = [[n, r["forget_acc"], r["remain_acc"], r["test_acc"], r["mia"], r["avg_gap"], r["wall_s"], r["steps"]]
-                for n, r in sc["rows"].items()]  # fmt: skip
-        parts.append(f"{title}  (sizes {sc['sizes']})\n" + _table(hdr, rows))
+        hdr = ["method", "forget acc", "remain acc", "test acc", "MIA-SVC", "MIA-loss", "avg gap", "gap (loss MIA)",
+               "time s", "x retrain", "steps"]  # fmt: skip
+        rows = [[n, r["forget_acc"], r["remain_acc"], r["test_acc"], r["mia_svc"], r["mia"], r["avg_gap"],
+                 r["avg_gap_loss_mia"], r["wall_s"], f"{r['time_vs_retrain']:.2f}", r["steps"]]
+                for n, r in [*sc["rows"].items(), *sc.get("variants", {}).items()]]  # fmt: skip
+        parts.append(f"{title}  (sizes {sc['sizes']})\n" + _table(hdr, rows) + "\nMIA-SVC: SVC MIA-efficacy "
+                     "(confidence feature), the standard; avg gap over forget/remain/test acc and MIA-SVC. "
+                     "Variants (alternating SFR-on, paired SalUn) are fastclu's named non-official options.")  # fmt: skip
     seq = res["sequence"]
-    hdr = ["method", "CIL avg acc", "CIL BWT", "CIL forgetting", "TIL avg acc", "TIL BWT", "time s", "steps"]
+    hdr = ["method", "CIL avg acc", "CIL BWT", "CIL forgetting", "TIL avg acc", "TIL BWT", "stability gap",
+           "time s", "x joint", "steps"]  # fmt: skip
     rows = [[n, r["class_il"]["avg_acc"], r["class_il"]["bwt"], r["class_il"]["forgetting"], r["task_il"]["avg_acc"],
-             r["task_il"]["bwt"], r["wall_s"], r["steps"]] for n, r in seq["rows"].items()]  # fmt: skip
+             r["task_il"]["bwt"], r.get("stability_gap"), r["wall_s"], f"{r['time_vs_joint']:.2f}", r["steps"]]
+            for n, r in seq["rows"].items()]  # fmt: skip
     parts.append(f"Continual learning: 5 tasks {seq['tasks']} (CIL: predict among all digits, TIL: among the "
                  "task's)\n" + _table(hdr, rows) + f"\n{PNM_VARIANT}: not the paper's P&M: classifier kept out of "
                  "the merge, each task's Fisher at unit trace (fastclu.methods.pnm)")  # fmt: skip
@@ -306,8 +366,10 @@ def format_tables(res: dict) -> str:
         for who in ("ug_clu", "retrain"):
             if who in h:
                 rows.append([h["request"] if who == "ug_clu" else "", who] + [h[who].get(k) for k in keys])
+    times = [f"{req['name']}: {req['wall_s']:.1f} s = {req['wall_s'] / h['retrain_wall_s']:.2f} x retrain"
+             for req, h in zip(clu["info"]["requests"], clu["history"]) if "retrain_wall_s" in h]  # fmt: skip
     parts.append(f"CLU stream (UG-CLU vs retrain on what is left; {clu['wall_s']:.1f} s, {clu['steps']} steps)\n"
-                 + _table(["after request", "model", *keys], rows))  # fmt: skip
+                 + _table(["after request", "model", *keys], rows) + "\nunlearn requests: " + "; ".join(times))  # fmt: skip
     return "\n\n".join(parts)
 
 
@@ -318,15 +380,15 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-    keys = ["forget_acc", "remain_acc", "test_acc", "mia"]
+    fig, axes = plt.subplots(3, 3, figsize=(16, 13))
+    keys = ["forget_acc", "remain_acc", "test_acc", "mia_svc", "mia"]
     for ax, (kind, sc) in zip(axes[0, :2], res["unlearning"].items()):
         names = list(sc["rows"])
         x = np.arange(len(keys))
         w = 0.8 / len(names)
         for j, n in enumerate(names):
             ax.bar(x + j * w, [sc["rows"][n][k] for k in keys], w, label=n)
-        ax.set_xticks(x + 0.4 - w / 2, ["forget acc", "remain acc", "test acc", "MIA"])
+        ax.set_xticks(x + 0.4 - w / 2, ["forget acc", "remain acc", "test acc", "MIA-SVC", "MIA-loss"])
         ax.set_title(f"{kind} forgetting")
         ax.set_ylabel("%")
         ax.legend(fontsize=7)
@@ -358,9 +420,25 @@ def plot(res: dict, path: str) -> None:
     ax.set_xticks(x, ks, rotation=30, fontsize=6, ha="right")
     ax.set_title("CLU after the last request")
     ax.legend(fontsize=7)
+    _plot_continual(axes[2], res["sequence"])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_continual(axes: object, seq: dict) -> None:
+    """Continual evaluation: each task's accuracy over training steps (the stability gap is the dip at a switch)."""
+    for ax, name in zip(axes, ("naive", "P&M", "P&M*")):
+        curve = seq["rows"][name]["continual"]
+        steps = [h["step"] for h in curve]
+        for j, cls in enumerate(seq["tasks"]):
+            ax.plot(steps, [h["acc"][j] for h in curve], label=f"task {j} {cls}", lw=1)
+        for b in sorted({h["step"] for h, n in itertools.pairwise(curve) if n["task"] != h["task"]}):
+            ax.axvline(b, color="grey", lw=0.5, ls=":")
+        ax.set_title(f"{name}: continual evaluation (every {seq['eval_every']} steps, CIL)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("test acc %")
+        ax.legend(fontsize=6)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -90,6 +90,116 @@ def _as_scalar(name: str, x: object, **bounds: Any) -> float | Tensor:
     return check_scalar(name, x, **bounds)
 
 
+def _param_names(names: Any, params: list[Tensor]) -> list[str] | None:
+    """The optimizer parameters' names from ``names`` (a Module, ``{name: param}`` or a list), or None."""
+    if names is None:
+        return None
+    if isinstance(names, torch.nn.Module):
+        names = dict(names.named_parameters())
+    if isinstance(names, Mapping):
+        by_id = {id(t): n for n, t in names.items()}
+        out = []
+        for i, p in enumerate(params):
+            if id(p) not in by_id:
+                raise ValueError(f"names: parameter {i} of the optimizer (shape {tuple(p.shape)}) has no name there")
+            out.append(by_id[id(p)])
+        return out
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError("names must be an nn.Module, a {name: parameter} mapping or a list of names")
+    if len(names) != len(params):
+        raise ValueError(f"names has {len(names)} entries but the optimizer has {len(params)} parameters")
+    return list(names)
+
+
+def _mask_entries(mask: Any, params: list[Tensor], pnames: list[str] | None) -> list[tuple[str, Any, Any]]:
+    """``(label, mask tensor, mask's own shape or None)`` per optimizer parameter, matched by name or position."""
+    if isinstance(mask, Mapping):
+        if pnames is None:
+            raise TypeError("a {name: mask} dict needs names= (the model or its named_parameters())")
+        return _by_name(mask, None, pnames)
+    shapes = getattr(mask, "shapes", None)
+    mnames = getattr(mask, "names", None)
+    packed = getattr(mask, "packed", mask)
+    if isinstance(packed, Tensor) or not isinstance(packed, Sequence):
+        raise TypeError("mask must be a SaliencyMask, a {name: mask} dict or a list of tensors, one per parameter")
+    if mnames is not None and pnames is not None:
+        return _by_name(dict(zip(mnames, packed)), dict(zip(mnames, shapes)), pnames)
+    if len(packed) != len(params):
+        raise ValueError(f"mask has {len(packed)} entries but the optimizer has {len(params)} parameters")
+    labels = [f"mask[{n!r}]" for n in mnames] if mnames is not None else [f"mask[{i}]" for i in range(len(packed))]
+    return list(zip(labels, packed, shapes if shapes is not None else [None] * len(packed)))
+
+
+def _by_name(masks: Mapping[str, Any], shapes: Mapping[str, Any] | None, pnames: list[str]) -> list[tuple]:
+    unknown = [n for n in masks if n not in set(pnames)]
+    if unknown:
+        raise ValueError(f"mask names {unknown} are not parameters of the optimizer")
+    missing = [n for n in pnames if n not in masks]
+    if missing:
+        raise ValueError(f"mask has no entry for parameter(s) {missing}")
+    return [(f"mask[{n!r}]", masks[n], None if shapes is None else shapes[n]) for n in pnames]
+
+
+def _packed_mask(label: str, m: Any, shape: Any, p: Tensor, pname: str) -> Tensor:
+    """``m`` as the contiguous packed mask of ``p`` (logical element order), checked against ``p``."""
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{label} must be a tensor, got {type(m).__name__}")
+    if shape is not None and torch.Size(shape) != p.shape:
+        raise ValueError(f"{label} has shape {tuple(shape)} but {pname} has {tuple(p.shape)}")
+    if m.dtype == torch.bool:
+        if m.shape != p.shape:
+            raise ValueError(f"{label} has shape {tuple(m.shape)} but {pname} has {tuple(p.shape)}")
+        m = ops.pack_bits(m.contiguous())
+    elif m.dtype != torch.uint8:
+        raise TypeError(f"{label} must be bit-packed uint8 or bool, got {m.dtype}")
+    elif m.numel() != ops.packed_numel(p.numel()):
+        raise ValueError(
+            f"{label} has {m.numel()} bytes but {pname} ({p.numel()} elements) needs {ops.packed_numel(p.numel())}"
+        )
+    return m.reshape(-1).to(p.device).contiguous()
+
+
+def is_dense_non_overlapping(t: Tensor) -> bool:
+    """True when ``t``'s elements fill its storage span exactly once in some dimension order
+    (contiguous, channels_last, transposed; not expanded or sliced with gaps)."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class ContiguousWork:
+    """Contiguous working copies of a step's non-contiguous parameters (channels_last, transposed).
+
+    The fused ops read and write flat memory in logical order, as every operand they get
+    (gradients made contiguous, state, masks) is laid out; a parameter stored in another order is
+    copied in, stepped, and copied back (:meth:`write_back`). Element-wise rules give the same
+    numbers as on the parameter itself.
+    """
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        self.work: dict[Tensor, Tensor] = {}
+        for i, p in enumerate(params):
+            if p.is_contiguous():
+                continue
+            if not is_dense_non_overlapping(p):
+                raise ValueError(
+                    f"parameter {i} (shape {tuple(p.shape)}, stride {p.stride()}) is neither dense nor "
+                    "non-overlapping: fastclu optimizers need parameters that own their memory"
+                )
+            self.work[p] = p.contiguous()
+
+    def __call__(self, ts: Iterable[Tensor]) -> list[Tensor]:
+        """The working tensor of each parameter (itself when contiguous)."""
+        return [self.work.get(t, t) for t in ts]
+
+    def write_back(self) -> None:
+        for p, w in self.work.items():
+            p.copy_(w)
+
+
 class RoleOptimizer(Optimizer):
     """Base of fastclu's drop-in optimizers (see the module docstring); subclasses set ``_rule``."""
 
@@ -205,18 +315,27 @@ class RoleOptimizer(Optimizer):
         mask: Any,
         mode: str = "grad",
         roles: Sequence[str] | None = None,
+        *,
+        names: Any = None,
     ) -> None:
         """Install a saliency mask over all parameters (param-group order), or remove it (``mask=None``).
 
         Args:
-            mask: a :class:`fastclu.saliency.SaliencyMask`, or a list (one entry per parameter)
-                of bit-packed ``uint8[ceil(numel/8)]`` tensors (:mod:`fastclu.ops.bits` layout)
-                or bool tensors shaped like the parameter.
+            mask: a :class:`fastclu.saliency.SaliencyMask`; a list (one entry per parameter) of
+                bit-packed ``uint8[ceil(numel/8)]`` tensors (:mod:`fastclu.ops.bits` layout, logical
+                element order) or bool tensors shaped like the parameter; or a ``{parameter name:
+                mask}`` dict of either (needs ``names``).
             mode: ``"grad"``: the mask gates only the gradients of ``roles``; momentum and weight
                 decay still move every weight. ``"update"``: where the mask is 0, neither the
                 weight nor its optimizer state moves.
             roles: role names the mask gates in ``"grad"`` mode (``"grad"`` is the live
                 ``.grad``); None gates every role.
+            names: the optimizer's parameter names: ``model`` (an ``nn.Module``: its
+                ``named_parameters()``), a ``{name: parameter}`` mapping, or a list of names in
+                param-group order. With names, a dict mask or a named SaliencyMask is matched by
+                name (missing or unknown names are errors); without, a mask is matched by position.
+        Every entry is checked (count, shape, size) before any state changes; errors name the
+        parameter.
         """
         params = self._params()
         if mask is None:
@@ -232,28 +351,11 @@ class RoleOptimizer(Optimizer):
             if isinstance(roles, str) or not all(isinstance(r, str) for r in roles):
                 raise TypeError("roles must be a list of role names (str) or None")
             roles = list(roles)
-        packed = getattr(mask, "packed", mask)
-        if isinstance(packed, Tensor) or not isinstance(packed, Sequence):
-            raise TypeError("mask must be a SaliencyMask or a list of tensors, one per parameter")
-        if len(packed) != len(params):
-            raise ValueError(f"mask has {len(packed)} entries but the optimizer has {len(params)} parameters")
-        out = []
-        for i, (m, p) in enumerate(zip(packed, params)):
-            m, p = distributed.local(m), distributed.local(p)  # a DTensor parameter's mask covers its shard
-            if not isinstance(m, Tensor):
-                raise TypeError(f"mask[{i}] must be a tensor, got {type(m).__name__}")
-            if m.dtype == torch.bool:
-                if m.shape != p.shape:
-                    raise ValueError(f"mask[{i}] has shape {tuple(m.shape)} but parameter {i} has {tuple(p.shape)}")
-                m = ops.pack_bits(m)
-            elif m.dtype != torch.uint8:
-                raise TypeError(f"mask[{i}] must be bit-packed uint8 or bool, got {m.dtype}")
-            elif m.numel() != ops.packed_numel(p.numel()):
-                raise ValueError(
-                    f"mask[{i}] has {m.numel()} bytes but parameter {i} ({p.numel()} elements) "
-                    f"needs {ops.packed_numel(p.numel())}"
-                )
-            out.append(m.reshape(-1).to(p.device).contiguous())
+        pnames = _param_names(names, params)
+        labels = pnames or [f"parameter {i}" for i in range(len(params))]
+        # a DTensor parameter's mask covers its local shard
+        out = [_packed_mask(label, distributed.local(m), shape, distributed.local(p), pname)
+               for (label, m, shape), p, pname in zip(_mask_entries(mask, params, pnames), params, labels)]  # fmt: skip
         for p, m in zip(params, out):
             self.state[p]["mask"] = m
         for g in self.param_groups:
@@ -589,7 +691,7 @@ class RoleOptimizer(Optimizer):
                 raise TypeError(f"restore_from[{i}] must be a tensor, got {type(r).__name__}")
             if r.shape != p.shape or r.device != p.device or r.dtype != p.dtype:
                 raise ValueError(f"restore_from[{i}] must match parameter {i} in shape, device and dtype")
-            if not r.is_contiguous():
+            if not r.is_contiguous() and r is not p:
                 raise ValueError(f"restore_from[{i}] must be contiguous")
         return dict(zip(params, restore_from))
 
@@ -624,9 +726,8 @@ class RoleOptimizer(Optimizer):
                 for g in gs:
                     if g is not None and (g.is_sparse or g.layout != torch.strided):
                         raise SparseGradientError("fastclu optimizers do not support sparse gradients")
-                if not p.is_contiguous():
-                    raise ValueError("fastclu optimizers need contiguous parameters (channels_last is not supported)")
                 plan.append((group, p, gs))
+        work = ContiguousWork(p for _, p, _ in plan)  # channels_last / transposed parameters
         if not plan:
             self.clear_stash()
             return
@@ -699,14 +800,15 @@ class RoleOptimizer(Optimizer):
             sc = scale.to(dev) if isinstance(scale, Tensor) else scale
             states = {k: distributed.local_list(v) for k, v in self._state_lists(group, params).items()}
             ops.combine_step_(
-                distributed.local_list(params), b["grads"], states, rule=self._rule, lr=group["lr"],
+                distributed.local_list(work(params)), b["grads"], states, rule=self._rule, lr=group["lr"],
                 coeffs=[c.to(dev) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()],
                 scale=sc, mask=mask, masked=flags if mask is not None else None, mask_mode=mode,
                 grad_scale=None if grad_scale is None else grad_scale.to(dev),
                 found_inf=None if found_inf is None else found_inf.to(dev),
                 init_momentum=b["init"], backend=self.backend, **pen, **self._rule_kwargs(group),
-                restore_from=None if restore is None else distributed.local_list([restore[p] for p in params]),
+                restore_from=None if restore is None else distributed.local_list(work([restore[p] for p in params])),
             )  # fmt: skip
+        work.write_back()
         self.clear_stash()
 
     def _clip_scale(

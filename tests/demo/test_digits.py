@@ -116,7 +116,8 @@ def test_sfron_beats_ga_and_ft_class(demo: tuple[Path, dict]) -> None:
 
 @pytest.mark.xfail(strict=False, reason=(
     "random 10% forgetting on digits: the original model is already within ~2-7 points of retrain, "
-    "the gaps are MIA noise; measured (quick, seed 0): SFR-on 1.73 vs GA 0.85, FT 2.27"))  # fmt: skip
+    "the gaps are MIA noise (the SVC MIA-efficacy on near-1 confidences flips between ~0 and ~90); "
+    "measured (quick, seed 0, gap with SVC MIA): SFR-on 22.0 vs GA 12.5, FT 23.0"))  # fmt: skip
 def test_sfron_beats_ga_and_ft_random(demo: tuple[Path, dict]) -> None:
     _sfron_beats(demo[1], "random")
 

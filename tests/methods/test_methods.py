@@ -71,8 +71,13 @@ def test_use_backend_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_backend_is_passed_through_to_the_ops() -> None:
     f, r = _tiny_split()
     model = C.make_mlp(seed=1)
-    res = sfron(model, _batches(f), _batches(r), iters=4, forget_every=2, backend="reference")
+    res = sfron(model, _batches(f), _batches(r), iters=4, forget_every=2, backend="reference", loop="alternating",
+                progress=False)  # fmt: skip
     assert res.steps == 4 and res.wall_s > 0 and res.info["forget_steps"] == 2
+    # The official loop: a remain step on every iteration, a forget step before it every K-th.
+    res = sfron(C.make_mlp(seed=1), _batches(f), _batches(r), iters=4, forget_every=2, backend="reference",
+                progress=False)  # fmt: skip
+    assert res.steps == 6 and res.wall_s > 0 and res.info["forget_steps"] == 2 and res.info["remain_steps"] == 4
     if fastclu.backends()["cuda"] is not None:
         # Unavailable here: the request must reach the dispatcher and fail there, loudly.
         with pytest.raises(RuntimeError, match="cuda"):
