@@ -93,7 +93,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_normal", &fastclu::philox_normal_host, "seed"_a, "tensor_index"_a, "j"_a,
         "The kernels' standard normal for element j, evaluated on the host (libm may differ by an ulp).");
   m.def("restore_mt", &fastclu::restore_mt, "table"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
-  m.def("restore", &fastclu::restore, "dst"_a, "src"_a, "nbytes"_a, "stream"_a);
   m.def(
       "combine_step",
       [](uint64_t table, int n_rows, int64_t n_chunks, const py::dict& config, uint64_t stream) {

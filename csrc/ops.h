@@ -48,9 +48,6 @@ void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t
                uint64_t stream);
 // operands: 0 params (out), 1 backup; same dtype (fp32/fp16/bf16): one launch for every tensor.
 void restore_mt(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream);
-// One cudaMemcpyAsync per pair (bit-exact, any dtype): the fallback for fp64 tensors.
-void restore(const std::vector<uint64_t>& dst, const std::vector<uint64_t>& src, const std::vector<int64_t>& nbytes,
-             uint64_t stream);
 
 struct CombineConfig {
   bool adamw = false;

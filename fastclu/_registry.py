@@ -17,6 +17,24 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 
+# Every op and its family: the one name under which everything about the op is found, i.e.
+# ``fastclu/ops/<backend>/<family>.py`` for each backend, ``csrc/<family>.cu``,
+# ``tests/ops/reference/test_ref_<family>.py`` and ``tests/ops/kernels/test_kernel_<family>.py``.
+OPS: dict[str, str] = {
+    "combine_step_": "combine",
+    "fd_hvp_": "hvp",
+    "fisher_accumulate_": "fisher",
+    "gram": "gram",
+    "lerp_sync_": "lerp",
+    "merge_": "merge",
+    "merge_stats": "merge",
+    "perturb_": "perturb",
+    "ratio_mask": "masks",
+    "restore_": "perturb",
+    "topk_mask": "masks",
+}
+FAMILIES: tuple[str, ...] = tuple(sorted(set(OPS.values())))
+
 _impls: dict[str, dict[str, Callable]] = {}
 _loaded: dict[str, str | None] = {}  # backend -> None if importable, else the reason
 
@@ -25,6 +43,8 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as the implementation of ``op`` on ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if op not in OPS:
+        raise ValueError(f"op {op!r} is not declared in fastclu._registry.OPS")
 
     def deco(fn: Callable) -> Callable:
         _impls.setdefault(op, {})[backend] = fn

@@ -6,9 +6,9 @@ kernel backends). Each op validates its inputs here, before any backend touches 
 so a bad call raises ``TypeError``/``ValueError`` naming the argument and modifies nothing.
 The reference backend (pure PyTorch) defines the semantics; the others must match it.
 
-Float math is done in fp32 for fp16/bf16 tensors. An op whose main tensor list holds fp64
-tensors runs on the reference backend whatever backend was asked for (the kernels compute in
-fp32; the reference keeps fp64 math). Optimizer state is expected in fp32. Masks are bit-packed (see :mod:`fastclu.ops.bits`).
+Float math is done in fp32 for fp16/bf16 tensors. A call with any fp64 tensor operand runs on
+the reference backend whatever backend was asked for (the kernels compute in fp32; the
+reference keeps fp64 math); this is decided in one place, ``_run``. Optimizer state is expected in fp32. Masks are bit-packed (see :mod:`fastclu.ops.bits`).
 """
 
 from __future__ import annotations
@@ -52,15 +52,27 @@ def _run(op: str, backend: str | None, tensors: Sequence[Tensor], *args: object,
     step does not graph-break. The reference backend is plain PyTorch and is traced as such.
     """
     name = choose(op, backend, device_type(tensors))
-    if name != "reference" and any(t.dtype == torch.float64 for t in tensors):
-        # The kernels compute in fp32: fp64 lists get the reference's fp64 math, not a silent
-        # downgrade (the reference runs on any device, CUDA included).
+    if name != "reference" and _has_fp64((args, kwargs)):
+        # The one place fp64 is decided. The kernels compute in fp32: a call with any fp64
+        # operand gets the reference's fp64 math, not a silent downgrade (the reference runs on
+        # any device, CUDA included); the kernel backends never see an fp64 tensor.
         name = "reference"
     if name != "reference" and torch.compiler.is_compiling():
         from fastclu.ops import library
 
         return getattr(library, op)(*args, backend=name, **kwargs)
     return implementation(op, name)(*args, **kwargs)
+
+
+def _has_fp64(x: object) -> bool:
+    """True if any tensor in ``x`` (nested lists, tuples and dict values) is fp64."""
+    if isinstance(x, Tensor):
+        return x.dtype == torch.float64
+    if isinstance(x, (list, tuple)):
+        return any(_has_fp64(y) for y in x)
+    if isinstance(x, dict):
+        return any(_has_fp64(y) for y in x.values())
+    return False
 
 
 def _device(xs: Sequence[Tensor]) -> torch.device | None:

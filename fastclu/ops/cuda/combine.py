@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastclu import _C
 from fastclu._registry import register
-from fastclu.ops.cuda._launch import build_table, has_fp64, on_device, reference, require_cuda, scalar, stream_of
+from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
 
 Scalar = float | Tensor
 
@@ -101,14 +101,6 @@ def combine_step_(
             require_cuda(op, name, xs)
     if not params:
         return
-    if has_fp64(params, importance, anchor, restore_from, *grads, *bufs):
-        return reference(op)(
-            params, grads, state, rule=rule, lr=lr, coeffs=coeffs, scale=scale, mask=mask, masked=masked,
-            mask_mode=mask_mode, penalty=penalty, importance=importance, anchor=anchor, grad_scale=grad_scale,
-            found_inf=found_inf, restore_from=restore_from, weight_decay=weight_decay, maximize=maximize,
-            momentum=momentum, dampening=dampening, nesterov=nesterov, init_momentum=init_momentum,
-            betas=betas, eps=eps, amsgrad=amsgrad,
-        )  # fmt: skip
     dev = params[0].device
     with on_device(dev):
         fi_ptr = 0

@@ -4,4 +4,4 @@ Importing this package registers the kernels; it is imported lazily by the regis
 ``TRITON_INTERPRET=1`` can be set before triton is first loaded.
 """
 
-from fastclu.ops.triton import combine, fastslow, masks, merge, perturb, reductions  # noqa: F401
+from fastclu.ops.triton import combine, fisher, gram, hvp, lerp, masks, merge, perturb  # noqa: F401
