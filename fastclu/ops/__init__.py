@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastclu._registry import choose, device_type, implementation
+from fastclu._registry import choose, current_backend, device_type, implementation, use_backend
 from fastclu.ops import _checks as C
 from fastclu.ops.bits import count_bits, pack_bits, packed_numel, unpack_bits
 
@@ -27,6 +27,7 @@ Scalar = float | Tensor
 __all__ = [
     "combine_step_",
     "count_bits",
+    "current_backend",
     "fd_hvp_",
     "fisher_accumulate_",
     "gram",
@@ -40,6 +41,7 @@ __all__ = [
     "restore_",
     "topk_mask",
     "unpack_bits",
+    "use_backend",
 ]
 
 
