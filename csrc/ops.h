@@ -67,6 +67,12 @@ struct CombineConfig {
   // 2 each row's operand 12 points to the (already incremented) fp32 step counter.
   int step_mode = 0; double step = 1; uint64_t steps_ptr = 0;
 };
+// Operand rows of the combine table; the same names and numbers as fastclu/ops/tables.py
+// CombineRow (checked by a test through fastclu._C.COMBINE_ROWS).
+enum CombineRow : int {
+  kParam = 0, kRestore = 1, kGrad0 = 2, kMask = 6, kState0 = 7, kState1 = 8, kStateMax = 9,
+  kImportance = 10, kAnchor = 11, kStep = 12, kCombineOps = 13
+};
 // operands: 0 params, 1 restore_from, 2..5 role grads, 6 mask, 7 momentum_buffer / exp_avg,
 // 8 exp_avg_sq, 9 max_exp_avg_sq, 10 importance, 11 anchor, 12 step counter (kPtr)
 void combine_step(uint64_t table, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream);

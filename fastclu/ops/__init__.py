@@ -22,6 +22,7 @@ from fastclu._registry import choose, current_backend, device_type, implementati
 from fastclu.ops import _checks as C
 from fastclu.ops._spec import Arg, OpSpec
 from fastclu.ops.bits import count_bits, pack_bits, packed_numel, unpack_bits
+from fastclu.ops.rules import RULES, StepConfig
 
 Scalar = float | Tensor
 
@@ -229,7 +230,7 @@ def _check_combine(v: dict) -> None:
     params = v["params"]
     v["grads"], v["mask"], v["masked"] = _roles(v["grads"], v["mask"], v["masked"], ref=params, ref_name="params")
     n_roles = len(v["grads"])
-    v["rule"] = C.choice("rule", v["rule"], ("sgd", "adamw"))
+    v["rule"] = C.choice("rule", v["rule"], tuple(RULES))
     v["mask_mode"] = C.choice("mask_mode", v["mask_mode"], ("grad", "update"))
     if v["mask_mode"] == "update" and v["mask"] is None:
         raise ValueError("mask_mode='update' needs a mask")
@@ -248,31 +249,23 @@ def _check_combine(v: dict) -> None:
 
 
 def _check_combine_state(v: dict) -> None:
-    params, state, rule = v["params"], v["state"], v["rule"]
+    params, state = v["params"], v["state"]
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of tensor lists, got {type(state).__name__}")
-    if rule == "sgd":
-        need = ["momentum_buffer"] if v["momentum"] != 0 else []
-    else:
-        need = ["exp_avg", "exp_avg_sq", "step"] + (["max_exp_avg_sq"] if v["amsgrad"] else [])
-    for key in need:
+    betas = v["betas"]
+    cfg = StepConfig(v["rule"], v["lr"], v["weight_decay"], v["maximize"], v["momentum"], v["dampening"],
+                     v["nesterov"], v["init_momentum"], (float(betas[0]), float(betas[1])), v["eps"], v["amsgrad"])  # fmt: skip
+    for key in cfg.state_keys:
         if key not in state:
-            raise ValueError(f"state is missing {key!r} (needed by rule={rule!r})")
+            raise ValueError(f"state is missing {key!r} (needed by rule={cfg.rule!r})")
         if key == "step":
             steps = C.tensor_list("state['step']", state[key])
             if len(steps) != len(params) or any(s.numel() != 1 for s in steps):
                 raise ValueError("state['step'] must hold one 1-element tensor per param")
         else:
             C.aligned(f"state[{key!r}]", state[key], "params", params)
-    for name in ("weight_decay", "momentum", "dampening", "eps"):
-        if not v[name] >= 0.0:
-            raise ValueError(f"{name} must be >= 0, got {v[name]}")
-    if rule == "sgd" and v["nesterov"] and (v["momentum"] <= 0 or v["dampening"] != 0):
-        raise ValueError("nesterov needs momentum > 0 and dampening == 0")
-    betas = v["betas"]
-    if rule == "adamw" and not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-        raise ValueError(f"betas must be in [0, 1), got {betas}")
-    v["betas"] = (float(betas[0]), float(betas[1]))
+    cfg.validate()  # the one validation of the rule's hyperparameters
+    v["betas"] = cfg.betas
 
 
 _spec(OpSpec("combine_step_", (

@@ -10,6 +10,7 @@ from torch import Tensor
 from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
+from fastclu.ops.tables import CombineRow, combine_operands
 
 Scalar = float | Tensor
 
@@ -125,12 +126,11 @@ def combine_step_(
         roles: list[list[Tensor] | None] = [list(grads[r]) if r < len(grads) else None for r in range(4)]
         state_ops: list[list[Tensor] | None] = [bufs[k] if k < len(bufs) else None for k in range(3)]
         has_penalty = importance is not None and not _is(penalty, 0.0)
-        operands = [
-            params, restore_from, *roles, mask, *state_ops,
-            importance if has_penalty else None, anchor if has_penalty else None,
-            list(steps) if step_mode == 2 else None,
-        ]  # fmt: skip
-        t = build_table(op, operands, dev, pointer_operands=(12,))
+        operands = combine_operands(
+            params, restore_from, roles, mask, state_ops, importance if has_penalty else None,
+            anchor if has_penalty else None, list(steps) if step_mode == 2 else None,
+        )  # fmt: skip
+        t = build_table(op, operands, dev, pointer_operands=(int(CombineRow.STEP),))
         scal = {name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty))}
         coeff = [scalar(c, dev) for c in coeffs]
         gs = scalar(grad_scale, dev) if grad_scale is not None else None

@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastclu.ops.triton import _reduce, combine, fisher, gram, hvp, lerp, masks, merge, perturb
+from fastclu.ops.triton.rules import update_of
 
 TARGET = GPUTarget("cuda", 90, 32)
 I64P = {"ptrs", "numel", "blk_tensor", "blk_start", "blk_global", "index", "rowlen", "state", "hist", "ties",
@@ -74,7 +75,7 @@ def cases(full: bool) -> list[tuple[object, dict]]:
             out.append((combine._combine_kernel, dict(
                 LR_T=True, C0_T=True, C1_T=False, C2_T=False, C3_T=False, SC_T=True, PEN_T=False, R=2, GATE0=True,
                 GATE1=False, GATE2=False, GATE3=False, HAS_MASK=True, UPDATE=True, HAS_PEN=True, HAS_GS=True,
-                HAS_FI=True, RESTORE=True, ADAMW=adamw, MAXIMIZE=True, HAS_WD=True, HAS_MOM=True, NESTEROV=True,
+                HAS_FI=True, RESTORE=True, RULE=update_of("adamw" if adamw else "sgd"), MAXIMIZE=True, HAS_WD=True, HAS_MOM=True, NESTEROV=True,
                 INIT_MOM=False, AMSGRAD=True, DP=f16, D0=f32, D1=f16, D2=f32, D3=f32, DB0=f32, DB1=f32, DB2=f32,
                 DI=f32, DA=f16, DR=f16, DST=f32, **c)))  # fmt: skip
     out += [
@@ -91,9 +92,14 @@ def cases(full: bool) -> list[tuple[object, dict]]:
     return out
 
 
+def _shown(v: object) -> object:
+    fn = getattr(v, "fn", None)  # a Triton function passed as a constexpr (an update rule)
+    return f"{fn.__module__}.{fn.__name__}" if fn is not None else v
+
+
 def main() -> None:
     for fn, consts in cases(len(sys.argv) > 1 and sys.argv[1] == "all"):
-        variant = {k: (str(v) if isinstance(v, tl.dtype) else v) for k, v in consts.items()}
+        variant = {k: (str(v) if isinstance(v, tl.dtype) else _shown(v)) for k, v in consts.items()}
         int_types = consts.get("_int_types", {})
         consts = {k: v for k, v in consts.items() if k != "_int_types"}
         rec = {"kernel": fn.__name__, "variant": variant, "ok": False, "error": None, "vector_accesses": 0}
