@@ -22,19 +22,7 @@ import fastclu.ops as O
 from fastclu._registry import implementation
 from fastclu.ops._spec import OpSpec
 
-__all__ = [
-    "combine_step_",
-    "fd_hvp_",
-    "fisher_accumulate_",
-    "gram",
-    "lerp_sync_",
-    "merge_",
-    "merge_stats",
-    "perturb_",
-    "ratio_mask",
-    "restore_",
-    "topk_mask",
-]
+__all__ = list(O.SPECS)  # one entry per op, generated below
 
 
 def _register(spec: OpSpec) -> None:
@@ -75,14 +63,5 @@ def _entry(name: str) -> Callable:
     return call
 
 
-fisher_accumulate_ = _entry("fisher_accumulate_")
-ratio_mask = _entry("ratio_mask")
-topk_mask = _entry("topk_mask")
-gram = _entry("gram")
-combine_step_ = _entry("combine_step_")
-lerp_sync_ = _entry("lerp_sync_")
-perturb_ = _entry("perturb_")
-restore_ = _entry("restore_")
-fd_hvp_ = _entry("fd_hvp_")
-merge_stats = _entry("merge_stats")
-merge_ = _entry("merge_")
+for _name in O.SPECS:
+    globals()[_name] = _entry(_name)

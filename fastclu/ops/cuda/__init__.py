@@ -9,4 +9,10 @@ the extension but no GPU; calling an op with tensors that are not on a CUDA devi
 :mod:`fastclu.ops.library`.
 """
 
-from fastclu.ops.cuda import combine, fisher, gram, hvp, lerp, masks, merge, perturb  # noqa: F401
+import importlib
+
+from fastclu._registry import FAMILIES
+
+# one module per op family (fastclu._registry.OPS): importing it registers its ops
+for _family in FAMILIES:
+    importlib.import_module(f"fastclu.ops.cuda.{_family}")
