@@ -123,8 +123,9 @@ def cuda_sources(root: Path = ROOT) -> list[str]:
 
 
 def cuda_headers(root: Path = ROOT) -> list[str]:
+    """Every header under ``csrc/`` (update rules live in ``csrc/rules/``)."""
     d = root / CSRC
-    files = sorted(p for pat in ("*.cuh", "*.h", "*.hpp") for p in d.glob(pat))
+    files = sorted(p for pat in ("*.cuh", "*.h", "*.hpp") for p in d.rglob(pat))
     return [p.relative_to(root).as_posix() for p in files]
 
 

@@ -68,6 +68,21 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CHUNK") = fastclu::chunk_elements();
   m.attr("ROW_HEADER") = fastclu::row_header();
   m.attr("ABI_VERSION") = 1;
+  {
+    py::dict rows;  // the combine table's operand rows, for the Python side to check against
+    rows["param"] = static_cast<int>(fastclu::kParam);
+    rows["restore"] = static_cast<int>(fastclu::kRestore);
+    rows["grad0"] = static_cast<int>(fastclu::kGrad0);
+    rows["mask"] = static_cast<int>(fastclu::kMask);
+    rows["state0"] = static_cast<int>(fastclu::kState0);
+    rows["state1"] = static_cast<int>(fastclu::kState1);
+    rows["state_max"] = static_cast<int>(fastclu::kStateMax);
+    rows["importance"] = static_cast<int>(fastclu::kImportance);
+    rows["anchor"] = static_cast<int>(fastclu::kAnchor);
+    rows["step"] = static_cast<int>(fastclu::kStep);
+    m.attr("COMBINE_ROWS") = rows;
+    m.attr("COMBINE_OPERANDS") = static_cast<int>(fastclu::kCombineOps);
+  }
 
   m.def("fisher_accumulate", &fastclu::fisher_accumulate, "table"_a, "n_rows"_a, "n_chunks"_a, "scale"_a,
         "scale_ptr"_a, "power"_a, "stream"_a);
@@ -93,7 +108,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_normal", &fastclu::philox_normal_host, "seed"_a, "tensor_index"_a, "j"_a,
         "The kernels' standard normal for element j, evaluated on the host (libm may differ by an ulp).");
   m.def("restore_mt", &fastclu::restore_mt, "table"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
-  m.def("restore", &fastclu::restore, "dst"_a, "src"_a, "nbytes"_a, "stream"_a);
   m.def(
       "combine_step",
       [](uint64_t table, int n_rows, int64_t n_chunks, const py::dict& config, uint64_t stream) {

@@ -1,46 +1,19 @@
-// combine_step_: the saliency-masked combination of up to 4 role gradients fused into an
-// SGD or AdamW update, in torch.optim's single-tensor operation order, all in fp32.
+// combine_step_: the saliency-masked combination of up to 4 role gradients fused into an update
+// rule (a Rule template parameter: csrc/rules/<rule>.cuh), in torch.optim's single-tensor
+// operation order, all in fp32. This file is the shared prologue, written once.
+#include "combine.cuh"
 #include "common.cuh"
 #include "ops.h"
+#include "rules/adamw.cuh"
+#include "rules/sgd.cuh"
 
 namespace fastclu {
 
 namespace {
 
-enum : int { kParam = 0, kRestore = 1, kGrad0 = 2, kMask = 6, kState0 = 7, kState1 = 8, kStateMax = 9,
-             kImportance = 10, kAnchor = 11, kStep = 12, kCombineOps = 13 };
-
-struct CombineArgs {
-  int n_roles;
-  unsigned masked_bits;
-  bool update_mode, has_mask, has_restore, has_penalty, maximize, nesterov, init_momentum, amsgrad;
-  bool has_grad_scale;
-  float momentum, dampening, weight_decay, beta1, beta2, eps;
-  double weight_decay_d;
-  float one_minus_dampening;  // formed in double on the host, as torch's alpha=1 - dampening
-  double beta1_d, beta2_d;
-  double lr_host;  // lr as a double when it is a host value (torch forms lr * wd and lr / bc1 in double)
-  Scal lr, scale, penalty, grad_scale;
-  Scal coeff[4];
-  const float* found_inf;
-  int step_mode;
-  double step;
-  const float* steps;
-};
-
-// torch.lerp's two-sided formula (exact at both ends), used by AdamW's exp_avg.lerp_.
-__device__ __forceinline__ float torch_lerp(float a, float b, float w) {
-  return w < 0.5f ? __fadd_rn(a, __fmul_rn(w, __fsub_rn(b, a))) : __fsub_rn(b, __fmul_rn(__fsub_rn(b, a), 1.0f - w));
-}
-
-template <bool ADAMW>
+template <class Rule>
 struct CombineOp {
-  struct Ctx {
-    float step_size;  // AdamW: lr / bias_correction1
-    float bc2_sqrt;
-    float lr;
-    float decay;  // AdamW: 1 - lr * weight_decay
-  };
+  using Ctx = RuleCtx;
   CombineArgs a;
 
   __device__ Ctx prepare(const Chunk& ch) const {
@@ -49,20 +22,7 @@ struct CombineOp {
     c.step_size = c.lr;
     c.bc2_sqrt = 1.f;
     c.decay = 1.f;
-    if (ADAMW) {
-      const double lr = a.lr.p ? static_cast<double>(c.lr) : a.lr_host;
-      if (a.weight_decay != 0.f) {
-        c.decay = a.lr.p ? 1.0f - __fmul_rn(c.lr, a.weight_decay)
-                         : static_cast<float>(1.0 - a.lr_host * static_cast<double>(a.weight_decay_d));
-      }
-      double step = a.step;
-      if (a.step_mode == 1) step = a.steps[ch.tidx];
-      else if (a.step_mode == 2) step = *static_cast<const float*>(ch.ptr(kStep));
-      const double bc1 = 1.0 - pow(a.beta1_d, step), bc2 = 1.0 - pow(a.beta2_d, step);
-      // host lr: a double division as in Python; device lr: an fp32 tensor op
-      c.step_size = a.lr.p ? __fdiv_rn(c.lr, static_cast<float>(bc1)) : static_cast<float>(lr / bc1);
-      c.bc2_sqrt = static_cast<float>(sqrt(bc2));
-    }
+    Rule::prepare(a, ch, c);
     return c;
   }
 
@@ -110,61 +70,13 @@ struct CombineOp {
     // when it was read from restore_from, so the fused restore holds for frozen entries too).
     const unsigned live = a.update_mode ? mbyte : 0xffu;
     float out[8];
-    if (!ADAMW) {
-      float buf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      const bool mom = a.momentum != 0.f;
-      // init_momentum overwrites the buffer, so it is only read where update mode keeps old values.
-      if (mom && (!a.init_momentum || a.update_mode)) load8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, buf);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const bool on = (live >> k) & 1u;
-        float d = g[k];
-        if (a.weight_decay != 0.f) d = __fadd_rn(d, __fmul_rn(a.weight_decay, theta[k]));
-        if (mom) {
-          float b;
-          if (a.init_momentum) b = d;
-          else b = __fadd_rn(__fmul_rn(buf[k], a.momentum), __fmul_rn(a.one_minus_dampening, d));
-          if (on) buf[k] = b;
-          d = a.nesterov ? __fadd_rn(d, __fmul_rn(a.momentum, b)) : b;
-        }
-        out[k] = on ? __fadd_rn(theta[k], __fmul_rn(-cx.lr, d)) : theta[k];
-      }
-      if (mom) store8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, buf);
-    } else {
-      float m[8], v[8], vmax[8];
-      load8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, m);
-      load8(ch.ptr(kState1), ch.dtype(kState1), j, cnt, vec, v);
-      if (a.amsgrad) load8(ch.ptr(kStateMax), ch.dtype(kStateMax), j, cnt, vec, vmax);
-      const float decay = cx.decay;
-      const float w1 = static_cast<float>(1.0 - a.beta1_d), w2 = static_cast<float>(1.0 - a.beta2_d);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if (!((live >> k) & 1u)) {
-          out[k] = theta[k];
-          continue;
-        }
-        const float th = __fmul_rn(theta[k], decay);
-        m[k] = torch_lerp(m[k], g[k], w1);
-        v[k] = __fadd_rn(__fmul_rn(v[k], a.beta2), __fmul_rn(__fmul_rn(w2, g[k]), g[k]));
-        float vv = v[k];
-        if (a.amsgrad) {
-          // torch.maximum propagates NaN where fmaxf would drop it
-          vmax[k] = (isnan(vmax[k]) || isnan(v[k])) ? __int_as_float(0x7fc00000) : fmaxf(vmax[k], v[k]);
-          vv = vmax[k];
-        }
-        const float denom = __fadd_rn(__fdiv_rn(sqrtf(vv), cx.bc2_sqrt), a.eps);
-        out[k] = __fadd_rn(th, __fmul_rn(-cx.step_size, __fdiv_rn(m[k], denom)));
-      }
-      store8(ch.ptr(kState0), ch.dtype(kState0), j, cnt, vec, m);
-      store8(ch.ptr(kState1), ch.dtype(kState1), j, cnt, vec, v);
-      if (a.amsgrad) store8(ch.ptr(kStateMax), ch.dtype(kStateMax), j, cnt, vec, vmax);
-    }
+    Rule::update(a, ch, cx, theta, g, live, j, cnt, vec, out);
     store8(ch.ptr(kParam), ch.dtype(kParam), j, cnt, vec, out);
   }
 };
 
-template <bool ADAMW>
-__global__ void __launch_bounds__(kThreads) combine_kernel(Table t, CombineOp<ADAMW> op) {
+template <class Rule>
+__global__ void __launch_bounds__(kThreads) combine_kernel(Table t, CombineOp<Rule> op) {
   // AMP skip: one read per block, no host sync; weights and state stay as they are, except
   // that a fused restore still happens (a skipped step must not leave the weights perturbed).
   if (op.a.found_inf != nullptr && *op.a.found_inf != 0.f) {
@@ -246,8 +158,9 @@ void combine_step(uint64_t table, int n_rows, int64_t n_chunks, const CombineCon
   a.step = cfg.step;
   a.steps = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.steps_ptr));
   const int grid = grid_for(op, n_chunks);
-  if (cfg.adamw) FASTCLU_LAUNCH(combine_kernel<true>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<true>{a});
-  else FASTCLU_LAUNCH(combine_kernel<false>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<false>{a});
+  // one line per rule of fastclu.ops.rules.RULES
+  if (cfg.adamw) FASTCLU_LAUNCH(combine_kernel<AdamW>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<AdamW>{a});
+  else FASTCLU_LAUNCH(combine_kernel<Sgd>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<Sgd>{a});
   check_launch(op);
 }
 

@@ -48,9 +48,6 @@ void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t
                uint64_t stream);
 // operands: 0 params (out), 1 backup; same dtype (fp32/fp16/bf16): one launch for every tensor.
 void restore_mt(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream);
-// One cudaMemcpyAsync per pair (bit-exact, any dtype): the fallback for fp64 tensors.
-void restore(const std::vector<uint64_t>& dst, const std::vector<uint64_t>& src, const std::vector<int64_t>& nbytes,
-             uint64_t stream);
 
 struct CombineConfig {
   bool adamw = false;
@@ -69,6 +66,12 @@ struct CombineConfig {
   // AdamW step: 0 one host value for every tensor, 1 fp32 device array indexed by tensor index,
   // 2 each row's operand 12 points to the (already incremented) fp32 step counter.
   int step_mode = 0; double step = 1; uint64_t steps_ptr = 0;
+};
+// Operand rows of the combine table; the same names and numbers as fastclu/ops/tables.py
+// CombineRow (checked by a test through fastclu._C.COMBINE_ROWS).
+enum CombineRow : int {
+  kParam = 0, kRestore = 1, kGrad0 = 2, kMask = 6, kState0 = 7, kState1 = 8, kStateMax = 9,
+  kImportance = 10, kAnchor = 11, kStep = 12, kCombineOps = 13
 };
 // operands: 0 params, 1 restore_from, 2..5 role grads, 6 mask, 7 momentum_buffer / exp_avg,
 // 8 exp_avg_sq, 9 max_exp_avg_sq, 10 importance, 11 anchor, 12 step counter (kPtr)

@@ -1,4 +1,4 @@
-// perturb_: backup + move along a task vector / direction / counter-based Philox noise,
+// perturb_ / restore_: backup + move along a task vector / direction / counter-based Philox noise,
 // and the deterministic per-row norms that scale the noise.
 #include "common.cuh"
 #include "ops.h"
@@ -83,6 +83,15 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(Table t) {
   }
 }
 
+// Bit-exact copy (restore_): raw 16-byte moves, no float round trip, every tensor in one launch.
+struct CopyOp {
+  using Ctx = NoCtx;
+  __device__ Ctx prepare(const Chunk&) const { return {}; }
+  __device__ void operator()(const Chunk& ch, Ctx, int64_t j, int cnt, bool vec) const {
+    copy8(ch.ptr(0), ch.ptr(1), ch.dtype(0), j, cnt, vec);
+  }
+};
+
 }  // namespace
 
 std::vector<uint32_t> philox_words_host(uint64_t seed, uint32_t tidx, int64_t j) {
@@ -111,6 +120,11 @@ void row_norms(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream) {
   if (n_chunks <= 0) return;
   FASTCLU_LAUNCH(row_norms_kernel, grid_for(op, n_chunks), kThreads, 0, as_stream(stream))(t);
   check_launch(op);
+}
+
+void restore_mt(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream) {
+  const char* op = "restore_";
+  launch_mt(op, make_table(op, table, n_rows, 2, n_chunks), CopyOp{}, stream);
 }
 
 }  // namespace fastclu

@@ -3,21 +3,44 @@
 Each backend lives in ``fastclu.ops.<name>`` and registers its implementations with
 :func:`register`. Backend modules are imported lazily, on the first call that needs them,
 so ``import fastclu`` never imports triton (``TRITON_INTERPRET`` must be set before that).
-Selection: ``backend=`` argument > ``FASTCLU_BACKEND`` environment variable > automatic
-(CUDA tensors: ``cuda`` if the extension is built, else ``triton``; anything else: ``reference``).
+Selection: ``backend=`` argument > the innermost :func:`use_backend` scope (a context variable:
+per thread / task, never the process environment) > ``FASTCLU_BACKEND`` environment variable >
+automatic (CUDA tensors: ``cuda`` if the extension is built, else ``triton``; anything else:
+``reference``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 
+# Every op and its family: the one name under which everything about the op is found, i.e.
+# ``fastclu/ops/<backend>/<family>.py`` for each backend, ``csrc/<family>.cu``,
+# ``tests/ops/reference/test_ref_<family>.py`` and ``tests/ops/kernels/test_kernel_<family>.py``.
+OPS: dict[str, str] = {
+    "combine_step_": "combine",
+    "fd_hvp_": "hvp",
+    "fisher_accumulate_": "fisher",
+    "gram": "gram",
+    "lerp_sync_": "lerp",
+    "merge_": "merge",
+    "merge_stats": "merge",
+    "perturb_": "perturb",
+    "ratio_mask": "masks",
+    "restore_": "perturb",
+    "topk_mask": "masks",
+}
+FAMILIES: tuple[str, ...] = tuple(sorted(set(OPS.values())))
+
 _impls: dict[str, dict[str, Callable]] = {}
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastclu_backend", default=None)
 _loaded: dict[str, str | None] = {}  # backend -> None if importable, else the reason
 
 
@@ -25,6 +48,8 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as the implementation of ``op`` on ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if op not in OPS:
+        raise ValueError(f"op {op!r} is not declared in fastclu._registry.OPS")
 
     def deco(fn: Callable) -> Callable:
         _impls.setdefault(op, {})[backend] = fn
@@ -81,15 +106,45 @@ def _auto(op: str, device_type: str) -> str:
     return "reference"
 
 
+@contextlib.contextmanager
+def use_backend(backend: str | None) -> Iterator[None]:
+    """Scoped backend override: ops called in the body without ``backend=`` run on ``backend``.
+
+    ``backend`` is ``"auto"`` or one of :data:`BACKENDS`; ``None`` leaves selection as it is.
+    The override is a context variable (the process environment is never touched), so it is
+    local to the thread / asyncio task, nests, and is undone on exit, exceptions included. An
+    explicit ``backend=`` argument still wins; ``FASTCLU_BACKEND`` is the lowest-priority default.
+    Under ``torch.compile`` the choice is made while tracing (a constant of the graph).
+    """
+    if backend is None:
+        yield
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    token = _scoped.set(backend)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
+def current_backend() -> str:
+    """The backend name an op without ``backend=`` would ask for here (``"auto"`` when nothing is set)."""
+    return _scoped.get() or os.environ.get("FASTCLU_BACKEND") or "auto"
+
+
 @torch.compiler.assume_constant_result
 def choose(op: str, backend: str | None, device_type: str) -> str:
     """Name of the backend that runs ``op`` (raises if it is unavailable or lacks the op).
 
     ``device_type`` (``"cuda"``, ``"cpu"``, ...) is that of the op's main tensors; it drives
     automatic choice. Under ``torch.compile`` the choice is a constant of the traced graph (it depends only on
-    the environment, the argument and the device), so loading a backend never breaks a graph.
+    the argument, the :func:`use_backend` scope, the environment and the device), so loading a
+    backend never breaks a graph.
     """
-    name = backend or os.environ.get("FASTCLU_BACKEND") or "auto"
+    name = backend or current_backend()
     if name == "auto":
         name = _auto(op, device_type)
     if name not in BACKENDS:

@@ -24,14 +24,14 @@ from types import ModuleType
 import pytest
 import torch
 
-from fastclu import ops
+from fastclu import _registry, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
-OPS = [n for n in ops.__all__ if n not in ("pack_bits", "unpack_bits", "count_bits", "packed_numel")]
+OPS = sorted(_registry.OPS)  # every declared op (fastclu.ops also exports helpers such as pack_bits)
 ENTRY_POINTS = [
     "fisher_accumulate", "ratio_mask", "lerp_sync", "fd_hvp", "merge", "perturb_dir", "row_norms", "perturb_noise",
-    "gram", "merge_stats", "topk_mask", "restore_mt", "restore", "combine_step", "philox_words", "philox_normal",
+    "gram", "merge_stats", "topk_mask", "restore_mt", "combine_step", "philox_words", "philox_normal",
 ]  # fmt: skip
 
 
@@ -248,11 +248,13 @@ class _Recorder:
 @pytest.fixture
 def recorder(cuda_backend: ModuleType, ext: ModuleType, monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     import contextlib
+    import importlib
 
-    from fastclu.ops.cuda import _launch, combine, elementwise, perturb, reductions
+    from fastclu._registry import FAMILIES
+    from fastclu.ops.cuda import _launch
 
     rec = _Recorder(ext)
-    for mod in (combine, elementwise, perturb, reductions):
+    for mod in [importlib.import_module(f"fastclu.ops.cuda.{f}") for f in FAMILIES]:
         monkeypatch.setattr(mod, "_C", rec)
         monkeypatch.setattr(mod, "require_cuda", lambda *a: None)
         monkeypatch.setattr(mod, "on_device", lambda dev: contextlib.nullcontext())
@@ -306,12 +308,14 @@ def test_wrappers_pass_operands_in_kernel_order(recorder: _Recorder) -> None:
         if tail is not None:
             assert args[3:] == tail, f"{name}: {args[3:]} != {tail}"
     assert calls["gram"][0][3:5] == (3, 0b110)  # n_roles, masked roles as bits
-    # fp64 has no kernel dtype code: restore_ falls back to one device copy per tensor, in bytes
+    # fp64 has no kernel dtype code: fastclu.ops routes fp64 lists to the reference (the one place
+    # fp64 is decided), so the wrapper's old per-tensor copy path is gone; called directly, the
+    # wrapper refuses fp64 with a clear error instead of launching
     pd, sd = [x.double() for x in p], [x.double() for x in s]
-    _impl("restore_")(pd, sd)
-    name, args, _ = recorder.calls[-1]
-    assert name == "restore" and list(args[0]) == [x.data_ptr() for x in pd]
-    assert list(args[1]) == [x.data_ptr() for x in sd] and list(args[2]) == [8 * x.numel() for x in pd]
+    n_calls = len(recorder.calls)
+    with pytest.raises(TypeError, match=r"unsupported dtype torch\.float64"):
+        _impl("restore_")(pd, sd)
+    assert len(recorder.calls) == n_calls
     # both direction modes: mode 0 reads the anchor (task vector), mode 1 the direction
     dirs = [(args, ops_) for name, args, ops_ in recorder.calls if name == "perturb_dir"]
     assert _same(dirs[0][1][1], s) and _same(dirs[0][1][2], q) and dirs[0][0][5] == 0

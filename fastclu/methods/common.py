@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -81,27 +80,16 @@ class Timer:
         self.elapsed = time.perf_counter() - self._t0
 
 
-@contextlib.contextmanager
-def use_backend(backend: str | None) -> Iterator[None]:
-    """Run the body with ``FASTCLU_BACKEND`` set to ``backend`` (``None``: leave selection as is).
+def use_backend(backend: str | None) -> contextlib.AbstractContextManager[None]:
+    """Run the body with ops defaulting to ``backend`` (``None``: leave selection as is).
 
-    Going through the environment reaches every op an optimizer or mask routine calls,
-    whatever their own signatures, and is undone on exit.
+    Delegates to :func:`fastclu.use_backend`, a scoped override (a context variable, never the
+    process environment) that reaches every op an optimizer or mask routine calls, whatever
+    their own signatures, and is undone on exit.
     """
-    if backend is None:
-        yield
-        return
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    old = os.environ.get("FASTCLU_BACKEND")
-    os.environ["FASTCLU_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTCLU_BACKEND", None)
-        else:
-            os.environ["FASTCLU_BACKEND"] = old
+    from fastclu._registry import use_backend as scoped
+
+    return scoped(backend)
 
 
 def cosine(t: int, total: int, start: float = 1.0, end: float = 0.0) -> float:

@@ -6,9 +6,9 @@ kernel backends). Each op validates its inputs here, before any backend touches 
 so a bad call raises ``TypeError``/``ValueError`` naming the argument and modifies nothing.
 The reference backend (pure PyTorch) defines the semantics; the others must match it.
 
-Float math is done in fp32 for fp16/bf16 tensors. An op whose main tensor list holds fp64
-tensors runs on the reference backend whatever backend was asked for (the kernels compute in
-fp32; the reference keeps fp64 math). Optimizer state is expected in fp32. Masks are bit-packed (see :mod:`fastclu.ops.bits`).
+Float math is done in fp32 for fp16/bf16 tensors. A call with any fp64 tensor operand runs on
+the reference backend whatever backend was asked for (the kernels compute in fp32; the
+reference keeps fp64 math); this is decided in one place, ``_run``. Optimizer state is expected in fp32. Masks are bit-packed (see :mod:`fastclu.ops.bits`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastclu._registry import choose, device_type, implementation
+from fastclu._registry import choose, current_backend, device_type, implementation, use_backend
 from fastclu.ops import _checks as C
+from fastclu.ops._spec import Arg, OpSpec
 from fastclu.ops.bits import count_bits, pack_bits, packed_numel, unpack_bits
+from fastclu.ops.rules import RULES, StepConfig
 
 Scalar = float | Tensor
 
 __all__ = [
     "combine_step_",
     "count_bits",
+    "current_backend",
     "fd_hvp_",
     "fisher_accumulate_",
     "gram",
@@ -40,31 +43,72 @@ __all__ = [
     "restore_",
     "topk_mask",
     "unpack_bits",
+    "use_backend",
 ]
 
 
-def _run(op: str, backend: str | None, tensors: Sequence[Tensor], *args: object, **kwargs: object) -> object:
-    """Run ``op`` on the chosen backend.
+def _route(spec: OpSpec, backend: str | None, values: dict) -> str:
+    """The backend that runs this call: the registry's choice, except fp64 (decided here only).
+
+    The kernels compute in fp32: a call with any fp64 operand gets the reference's fp64 math,
+    not a silent downgrade (the reference runs on any device, CUDA included); the kernel
+    backends never see an fp64 tensor.
+    """
+    main = values[spec.main]
+    name = choose(spec.name, backend, device_type(main[0] if spec.args[0].kind == "roles" else main))
+    if name != "reference" and _has_fp64(values):
+        name = "reference"
+    return name
+
+
+def _has_fp64(x: object) -> bool:
+    """True if any tensor in ``x`` (nested lists, tuples and dict values) is fp64."""
+    if isinstance(x, Tensor):
+        return x.dtype == torch.float64
+    if isinstance(x, (list, tuple)):
+        return any(_has_fp64(y) for y in x)
+    if isinstance(x, dict):
+        return any(_has_fp64(y) for y in x.values())
+    return False
+
+
+SPECS: dict[str, OpSpec] = {}
+
+
+def _spec(spec: OpSpec) -> OpSpec:
+    SPECS[spec.name] = spec
+    return spec
+
+
+def _call(op: str, backend: str | None, values: dict) -> object:
+    """Validate (from the op's spec), choose the backend, run it.
 
     While ``torch.compile`` traces, a kernel backend is reached through the op's registered
     ``fastclu::`` custom op (:mod:`fastclu.ops.library`): Dynamo cannot trace a launch that
     reads ``data_ptr()``, but it keeps a custom op as one opaque node, so a compiled training
     step does not graph-break. The reference backend is plain PyTorch and is traced as such.
     """
-    name = choose(op, backend, device_type(tensors))
-    if name != "reference" and any(t.dtype == torch.float64 for t in tensors):
-        # The kernels compute in fp32: fp64 lists get the reference's fp64 math, not a silent
-        # downgrade (the reference runs on any device, CUDA included).
-        name = "reference"
-    if name != "reference" and torch.compiler.is_compiling():
+    spec = SPECS[op]
+    values = spec.validate(values)
+    name = _route(spec, backend, values)
+    if name != "reference" and torch.compiler.is_compiling() and not spec.has_host_only(values):
         from fastclu.ops import library
 
-        return getattr(library, op)(*args, backend=name, **kwargs)
-    return implementation(op, name)(*args, **kwargs)
+        return library.run(spec, name, values)
+    return spec.call(implementation(op, name), values)
 
 
-def _device(xs: Sequence[Tensor]) -> torch.device | None:
-    return xs[0].device if xs else None
+def _check_fisher(v: dict) -> None:
+    if v["power"] not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {v['power']!r}")
+
+
+_spec(OpSpec("fisher_accumulate_", (
+    Arg("fisher", "tensors", one_device=True, mutable=True),
+    Arg("grads", "tensors", like="fisher"),
+    Arg("scale", "scalar", 1.0),
+    Arg("power", "int", 2, keyword=True),
+), check=_check_fisher))  # fmt: skip
 
 
 def fisher_accumulate_(
@@ -79,13 +123,19 @@ def fisher_accumulate_(
 
     fisher: fp32 tensors (the accumulators); grads: any float dtype, same shapes.
     """
-    fisher = C.tensor_list("fisher", fisher)
-    grads = C.aligned("grads", grads, "fisher", fisher)
-    C.one_device("fisher", fisher)
-    if power not in (1, 2):
-        raise ValueError(f"power must be 1 or 2, got {power!r}")
-    scale = C.scalar("scale", scale, _device(fisher))
-    _run("fisher_accumulate_", backend, fisher, fisher, grads, scale, power=power)
+    _call("fisher_accumulate_", backend, {"fisher": fisher, "grads": grads, "scale": scale, "power": power})
+
+
+def _check_ratio(v: dict) -> None:
+    v["eps"] = float(C.scalar("eps", v["eps"]))
+
+
+_spec(OpSpec("ratio_mask", (
+    Arg("f_forget", "tensors", one_device=True),
+    Arg("f_remain", "tensors", like="f_forget"),
+    Arg("gamma", "scalar", 1.0),
+    Arg("eps", "float", 1e-12, keyword=True),
+), out="masks", check=_check_ratio))  # fmt: skip
 
 
 def ratio_mask(
@@ -100,12 +150,19 @@ def ratio_mask(
 
     Returns one ``uint8[ceil(numel/8)]`` tensor per input tensor (see :mod:`fastclu.ops.bits`).
     """
-    f_forget = C.tensor_list("f_forget", f_forget)
-    f_remain = C.aligned("f_remain", f_remain, "f_forget", f_forget)
-    C.one_device("f_forget", f_forget)
-    gamma = C.scalar("gamma", gamma, _device(f_forget))
-    eps = float(C.scalar("eps", eps))
-    return _run("ratio_mask", backend, f_forget, f_forget, f_remain, gamma, eps=eps)
+    return _call("ratio_mask", backend, {"f_forget": f_forget, "f_remain": f_remain, "gamma": gamma, "eps": eps})
+
+
+def _check_topk(v: dict) -> None:
+    k = v["k"]
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    total = sum(s.numel() for s in v["scores"])
+    if not 0 <= k <= total:
+        raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
+
+
+_spec(OpSpec("topk_mask", (Arg("scores", "tensors", one_device=True), Arg("k", "int")), out="masks", check=_check_topk))
 
 
 def topk_mask(scores: list[Tensor], k: int, *, backend: str | None = None) -> list[Tensor]:
@@ -116,14 +173,18 @@ def topk_mask(scores: list[Tensor], k: int, *, backend: str | None = None) -> li
     order (tensor index, then flat element index) wins. Implementations must not concatenate
     or sort the scores (histogram radix select over the ordered bit patterns).
     """
-    scores = C.tensor_list("scores", scores)
-    C.one_device("scores", scores)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    total = sum(s.numel() for s in scores)
-    if not 0 <= k <= total:
-        raise ValueError(f"k must be in [0, {total}] (the number of scores), got {k}")
-    return _run("topk_mask", backend, scores, scores, k)
+    return _call("topk_mask", backend, {"scores": scores, "k": k})
+
+
+def _check_gram(v: dict) -> None:
+    v["grads"], v["mask"], v["masked"] = _roles(v["grads"], v["mask"], v["masked"])
+
+
+_spec(OpSpec("gram", (
+    Arg("grads", "roles"),
+    Arg("mask", "masks", None, optional=True, keyword=True),
+    Arg("masked", "flags", None, keyword=True),
+), out="gram", check=_check_gram))  # fmt: skip
 
 
 def gram(
@@ -139,8 +200,7 @@ def gram(
     ``masked[r]`` (default: every role, when a mask is given), else 1. Returns a symmetric
     fp32 ``[R, R]`` tensor on the grads' device, accumulated deterministically (no host sync).
     """
-    grads, mask, masked = _roles(grads, mask, masked)
-    return _run("gram", backend, grads[0], grads, mask=mask, masked=masked)
+    return _call("gram", backend, {"grads": grads, "mask": mask, "masked": masked})
 
 
 def _roles(
@@ -164,6 +224,77 @@ def _roles(
         if any(flags) and masks is None:
             raise ValueError("masked flags are set but no mask was given")
     return roles, masks, flags
+
+
+def _check_combine(v: dict) -> None:
+    params = v["params"]
+    v["grads"], v["mask"], v["masked"] = _roles(v["grads"], v["mask"], v["masked"], ref=params, ref_name="params")
+    n_roles = len(v["grads"])
+    v["rule"] = C.choice("rule", v["rule"], tuple(RULES))
+    v["mask_mode"] = C.choice("mask_mode", v["mask_mode"], ("grad", "update"))
+    if v["mask_mode"] == "update" and v["mask"] is None:
+        raise ValueError("mask_mode='update' needs a mask")
+    coeffs = [1.0] * n_roles if v["coeffs"] is None else v["coeffs"]
+    if len(coeffs) != n_roles:
+        raise ValueError(f"coeffs has {len(coeffs)} entries but there are {n_roles} roles")
+    dev = params[0].device if params else None
+    v["coeffs"] = [C.scalar(f"coeffs[{r}]", c, dev) for r, c in enumerate(coeffs)]
+    if (v["importance"] is None) != (v["anchor"] is None):
+        raise ValueError("importance and anchor must be given together")
+    for name in ("grad_scale", "found_inf"):
+        t = v[name]
+        if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
+            raise TypeError(f"{name} must be a 1-element tensor or None")
+    _check_combine_state(v)
+
+
+def _check_combine_state(v: dict) -> None:
+    params, state = v["params"], v["state"]
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of tensor lists, got {type(state).__name__}")
+    betas = v["betas"]
+    cfg = StepConfig(v["rule"], v["lr"], v["weight_decay"], v["maximize"], v["momentum"], v["dampening"],
+                     v["nesterov"], v["init_momentum"], (float(betas[0]), float(betas[1])), v["eps"], v["amsgrad"])  # fmt: skip
+    for key in cfg.state_keys:
+        if key not in state:
+            raise ValueError(f"state is missing {key!r} (needed by rule={cfg.rule!r})")
+        if key == "step":
+            steps = C.tensor_list("state['step']", state[key])
+            if len(steps) != len(params) or any(s.numel() != 1 for s in steps):
+                raise ValueError("state['step'] must hold one 1-element tensor per param")
+        else:
+            C.aligned(f"state[{key!r}]", state[key], "params", params)
+    cfg.validate()  # the one validation of the rule's hyperparameters
+    v["betas"] = cfg.betas
+
+
+_spec(OpSpec("combine_step_", (
+    Arg("params", "tensors", one_device=True, mutable=True),
+    Arg("grads", "roles"),
+    Arg("state", "state"),
+    Arg("rule", "str", "sgd", keyword=True),
+    Arg("lr", "scalar", keyword=True),
+    Arg("coeffs", "scalars", None, keyword=True),
+    Arg("scale", "scalar", 1.0, keyword=True),
+    Arg("mask", "masks", None, optional=True, keyword=True),
+    Arg("masked", "flags", None, keyword=True),
+    Arg("mask_mode", "str", "grad", keyword=True),
+    Arg("penalty", "scalar", 0.0, keyword=True),
+    Arg("importance", "tensors", None, like="params", optional=True, keyword=True),
+    Arg("anchor", "tensors", None, like="params", optional=True, keyword=True),
+    Arg("grad_scale", "tensor", None, keyword=True),
+    Arg("found_inf", "tensor", None, keyword=True),
+    Arg("restore_from", "tensors", None, like="params", optional=True, keyword=True),
+    Arg("weight_decay", "float", 0.0, keyword=True),
+    Arg("maximize", "bool", False, keyword=True),
+    Arg("momentum", "float", 0.0, keyword=True),
+    Arg("dampening", "float", 0.0, keyword=True),
+    Arg("nesterov", "bool", False, keyword=True),
+    Arg("init_momentum", "bool", False, keyword=True),
+    Arg("betas", "floats", (0.9, 0.999), keyword=True),
+    Arg("eps", "float", 1e-8, keyword=True),
+    Arg("amsgrad", "bool", False, keyword=True),
+), check=_check_combine, state_keys=("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")))  # fmt: skip
 
 
 def combine_step_(
@@ -228,63 +359,21 @@ def combine_step_(
         init_momentum: SGD's first step: ``momentum_buffer = d_p`` instead of the update
             (torch's ``buf is None`` branch). In update mode masked-out entries keep their value.
     """
-    params = C.tensor_list("params", params)
-    C.one_device("params", params)
-    roles, masks, flags = _roles(grads, mask, masked, ref=params, ref_name="params")
-    rule = C.choice("rule", rule, ("sgd", "adamw"))
-    mask_mode = C.choice("mask_mode", mask_mode, ("grad", "update"))
-    if mask_mode == "update" and masks is None:
-        raise ValueError("mask_mode='update' needs a mask")
-    dev = _device(params)
-    lr = C.scalar("lr", lr, dev)
-    if coeffs is None:
-        coeffs = [1.0] * len(roles)
-    if len(coeffs) != len(roles):
-        raise ValueError(f"coeffs has {len(coeffs)} entries but there are {len(roles)} roles")
-    coeffs = [C.scalar(f"coeffs[{r}]", c, dev) for r, c in enumerate(coeffs)]
-    scale = C.scalar("scale", scale, dev)
-    penalty = C.scalar("penalty", penalty, dev)
-    if (importance is None) != (anchor is None):
-        raise ValueError("importance and anchor must be given together")
-    if importance is not None:
-        importance = C.aligned("importance", importance, "params", params)
-        anchor = C.aligned("anchor", anchor, "params", params)
-    if restore_from is not None:
-        restore_from = C.aligned("restore_from", restore_from, "params", params)
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
-            raise TypeError(f"{name} must be a 1-element tensor or None")
-    if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict of tensor lists, got {type(state).__name__}")
-    if rule == "sgd":
-        need = ["momentum_buffer"] if momentum != 0 else []
-    else:
-        need = ["exp_avg", "exp_avg_sq", "step"] + (["max_exp_avg_sq"] if amsgrad else [])
-    for key in need:
-        if key not in state:
-            raise ValueError(f"state is missing {key!r} (needed by rule={rule!r})")
-        if key == "step":
-            steps = C.tensor_list("state['step']", state[key])
-            if len(steps) != len(params) or any(s.numel() != 1 for s in steps):
-                raise ValueError("state['step'] must hold one 1-element tensor per param")
-        else:
-            C.aligned(f"state[{key!r}]", state[key], "params", params)
-    for name, v in (("weight_decay", weight_decay), ("momentum", momentum), ("dampening", dampening), ("eps", eps)):
-        if not float(v) >= 0.0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    if rule == "sgd" and nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("nesterov needs momentum > 0 and dampening == 0")
-    if rule == "adamw" and not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-        raise ValueError(f"betas must be in [0, 1), got {betas}")
-    _run("combine_step_", backend, params,
-        params, roles, state,
-        rule=rule, lr=lr, coeffs=coeffs, scale=scale, mask=masks, masked=flags, mask_mode=mask_mode,
-        penalty=penalty, importance=importance, anchor=anchor, grad_scale=grad_scale,
-        found_inf=found_inf, restore_from=restore_from, weight_decay=float(weight_decay),
-        maximize=bool(maximize), momentum=float(momentum), dampening=float(dampening),
-        nesterov=bool(nesterov), init_momentum=bool(init_momentum),
-        betas=(float(betas[0]), float(betas[1])), eps=float(eps), amsgrad=bool(amsgrad),
-    )  # fmt: skip
+    values = {
+        "params": params, "grads": grads, "state": state, "rule": rule, "lr": lr, "coeffs": coeffs, "scale": scale,
+        "mask": mask, "masked": masked, "mask_mode": mask_mode, "penalty": penalty, "importance": importance,
+        "anchor": anchor, "grad_scale": grad_scale, "found_inf": found_inf, "restore_from": restore_from,
+        "weight_decay": weight_decay, "maximize": maximize, "momentum": momentum, "dampening": dampening,
+        "nesterov": nesterov, "init_momentum": init_momentum, "betas": betas, "eps": eps, "amsgrad": amsgrad,
+    }  # fmt: skip
+    _call("combine_step_", backend, values)
+
+
+_spec(OpSpec("lerp_sync_", (
+    Arg("slow", "tensors", one_device=True, mutable=True),
+    Arg("fast", "tensors", like="slow", mutable=True),
+    Arg("beta", "scalar"),
+)))  # fmt: skip
 
 
 def lerp_sync_(slow: list[Tensor], fast: list[Tensor], beta: Scalar, *, backend: str | None = None) -> None:
@@ -292,11 +381,45 @@ def lerp_sync_(slow: list[Tensor], fast: list[Tensor], beta: Scalar, *, backend:
 
     slow may be fp32 (master copy) while fast is fp16/bf16; math in fp32.
     """
-    slow = C.tensor_list("slow", slow)
-    fast = C.aligned("fast", fast, "slow", slow)
-    C.one_device("slow", slow)
-    beta = C.scalar("beta", beta, _device(slow))
-    _run("lerp_sync_", backend, slow, slow, fast, beta)
+    _call("lerp_sync_", backend, {"slow": slow, "fast": fast, "beta": beta})
+
+
+def _check_perturb(v: dict) -> None:
+    params, backup = v["params"], v["backup"]
+    if sum(v[k] is not None for k in ("anchor", "direction", "seed")) != 1:
+        raise ValueError("perturb_ needs exactly one of anchor=, direction= or seed=")
+    if backup is not None:
+        for i, (b, p) in enumerate(zip(backup, params)):
+            if b.dtype != p.dtype:
+                raise TypeError(f"backup[{i}] must have dtype {p.dtype} (bit-exact restore), got {b.dtype}")
+    seed, row_norms = v["seed"], v["row_norms"]
+    if seed is None:
+        if row_norms is not None:
+            raise ValueError("row_norms is only used with seed=")
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if row_norms is not None:
+        row_norms = v["row_norms"] = C.tensor_list("row_norms", row_norms)
+        if len(row_norms) != len(params):
+            raise ValueError(f"row_norms has {len(row_norms)} tensors but params has {len(params)}")
+        for i, (r, p) in enumerate(zip(row_norms, params)):
+            rows = p.shape[0] if p.dim() >= 2 else 1
+            if r.numel() != rows:
+                raise ValueError(f"row_norms[{i}] must have {rows} elements, got {r.numel()}")
+            if r.device != p.device:
+                raise ValueError(f"row_norms[{i}] is on {r.device} but params[{i}] is on {p.device}")
+
+
+_spec(OpSpec("perturb_", (
+    Arg("params", "tensors", one_device=True, mutable=True),
+    Arg("scale", "scalar"),
+    Arg("backup", "tensors", None, like="params", optional=True, mutable=True, keyword=True),
+    Arg("anchor", "tensors", None, like="params", optional=True, keyword=True),
+    Arg("direction", "tensors", None, like="params", optional=True, keyword=True),
+    Arg("seed", "host", None, keyword=True),  # 64-bit: beyond the schema's int; seeded calls run directly
+    Arg("row_norms", "host", None, keyword=True),
+), check=_check_perturb))  # fmt: skip
 
 
 def perturb_(
@@ -326,58 +449,40 @@ def perturb_(
     backup: optional tensors (same dtype as params) receiving the clean weights, for a
     bit-exact :func:`restore_`. Returns the row norms in seed mode, else None.
     """
-    params = C.tensor_list("params", params)
-    C.one_device("params", params)
-    scale = C.scalar("scale", scale, _device(params))
-    sources = [x is not None for x in (anchor, direction, seed)]
-    if sum(sources) != 1:
-        raise ValueError("perturb_ needs exactly one of anchor=, direction= or seed=")
-    if backup is not None:
-        backup = C.aligned("backup", backup, "params", params)
-        for i, (b, p) in enumerate(zip(backup, params)):
-            if b.dtype != p.dtype:
-                raise TypeError(f"backup[{i}] must have dtype {p.dtype} (bit-exact restore), got {b.dtype}")
-    if anchor is not None:
-        anchor = C.aligned("anchor", anchor, "params", params)
-    if direction is not None:
-        direction = C.aligned("direction", direction, "params", params)
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-        if row_norms is not None:
-            row_norms = C.tensor_list("row_norms", row_norms)
-            if len(row_norms) != len(params):
-                raise ValueError(f"row_norms has {len(row_norms)} tensors but params has {len(params)}")
-            for i, (r, p) in enumerate(zip(row_norms, params)):
-                rows = p.shape[0] if p.dim() >= 2 else 1
-                if r.numel() != rows:
-                    raise ValueError(f"row_norms[{i}] must have {rows} elements, got {r.numel()}")
-                if r.device != p.device:
-                    raise ValueError(f"row_norms[{i}] is on {r.device} but params[{i}] is on {p.device}")
-    elif row_norms is not None:
-        raise ValueError("row_norms is only used with seed=")
-    return _run(
-        "perturb_",
-        backend,
-        params,
-        params,
-        scale,
-        backup=backup,
-        anchor=anchor,
-        direction=direction,
-        seed=seed,
-        row_norms=row_norms,
-    )
+    values = {"params": params, "scale": scale, "backup": backup, "anchor": anchor, "direction": direction,
+              "seed": seed, "row_norms": row_norms}  # fmt: skip
+    return _call("perturb_", backend, values)
+
+
+def _check_restore(v: dict) -> None:
+    for i, (b, p) in enumerate(zip(v["backup"], v["params"])):
+        if b.dtype != p.dtype:
+            raise TypeError(f"backup[{i}] must have dtype {p.dtype}, got {b.dtype}")
+
+
+_spec(OpSpec("restore_", (
+    Arg("params", "tensors", mutable=True),
+    Arg("backup", "tensors", like="params"),
+), check=_check_restore))  # fmt: skip
 
 
 def restore_(params: list[Tensor], backup: list[Tensor], *, backend: str | None = None) -> None:
     """Bit-exact restore: ``params[i].copy_(backup[i])``."""
-    params = C.tensor_list("params", params)
-    backup = C.aligned("backup", backup, "params", params)
-    for i, (b, p) in enumerate(zip(backup, params)):
-        if b.dtype != p.dtype:
-            raise TypeError(f"backup[{i}] must have dtype {p.dtype}, got {b.dtype}")
-    _run("restore_", backend, params, params, backup)
+    _call("restore_", backend, {"params": params, "backup": backup})
+
+
+def _check_hvp(v: dict) -> None:
+    if isinstance(v["eps"], float) and v["eps"] == 0.0:
+        raise ValueError("eps must be nonzero")
+
+
+_spec(OpSpec("fd_hvp_", (
+    Arg("out", "tensors", one_device=True, mutable=True),
+    Arg("grads_plus", "tensors", like="out"),
+    Arg("grads_minus", "tensors", like="out"),
+    Arg("eps", "scalar"),
+    Arg("accumulate", "bool", False, keyword=True),
+), check=_check_hvp))  # fmt: skip
 
 
 def fd_hvp_(
@@ -390,14 +495,16 @@ def fd_hvp_(
     backend: str | None = None,
 ) -> None:
     """Central finite difference: ``out = (g_plus - g_minus) / (2 * eps)`` (``+=`` if accumulate)."""
-    out = C.tensor_list("out", out)
-    grads_plus = C.aligned("grads_plus", grads_plus, "out", out)
-    grads_minus = C.aligned("grads_minus", grads_minus, "out", out)
-    C.one_device("out", out)
-    eps = C.scalar("eps", eps, _device(out))
-    if isinstance(eps, float) and eps == 0.0:
-        raise ValueError("eps must be nonzero")
-    _run("fd_hvp_", backend, out, out, grads_plus, grads_minus, eps, accumulate=bool(accumulate))
+    values = {"out": out, "grads_plus": grads_plus, "grads_minus": grads_minus, "eps": eps, "accumulate": accumulate}
+    _call("fd_hvp_", backend, values)
+
+
+_spec(OpSpec("merge_stats", (
+    Arg("params", "tensors", one_device=True),
+    Arg("anchor", "tensors", like="params"),
+    Arg("fisher_sum", "tensors", like="params"),
+    Arg("fisher_theta_sum", "tensors", like="params"),
+), out="pair"))  # fmt: skip
 
 
 def merge_stats(
@@ -415,18 +522,17 @@ def merge_stats(
 
     Returns two fp32 0-d tensors on the params' device (alpha = clamp(num / den, 0, 1)).
     """
-    params = C.tensor_list("params", params)
-    C.one_device("params", params)
-    anchor = C.aligned("anchor", anchor, "params", params)
-    fisher_sum = C.aligned("fisher_sum", fisher_sum, "params", params)
-    fisher_theta_sum = C.aligned("fisher_theta_sum", fisher_theta_sum, "params", params)
-    return _run("merge_stats", backend, params, params, anchor, fisher_sum, fisher_theta_sum)
+    values = {"params": params, "anchor": anchor, "fisher_sum": fisher_sum, "fisher_theta_sum": fisher_theta_sum}
+    return _call("merge_stats", backend, values)
+
+
+_spec(OpSpec("merge_", (
+    Arg("params", "tensors", one_device=True, mutable=True),
+    Arg("anchor", "tensors", like="params"),
+    Arg("alpha", "scalar"),
+)))  # fmt: skip
 
 
 def merge_(params: list[Tensor], anchor: list[Tensor], alpha: Scalar, *, backend: str | None = None) -> None:
     """P&M merge, in place: ``theta = anchor + alpha * (theta - anchor)``."""
-    params = C.tensor_list("params", params)
-    C.one_device("params", params)
-    anchor = C.aligned("anchor", anchor, "params", params)
-    alpha = C.scalar("alpha", alpha, _device(params))
-    _run("merge_", backend, params, params, anchor, alpha)
+    _call("merge_", backend, {"params": params, "anchor": anchor, "alpha": alpha})

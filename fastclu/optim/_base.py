@@ -698,17 +698,10 @@ class RoleOptimizer(Optimizer):
     def _step(self, combine: Mapping[str, Any] | None, clip: float | None, restore_from: object = None) -> None:
         coeffs = self._parse_combine(combine)
         restore = self._check_restore_from(restore_from)
-        if clip is not None:
-            clip = _as_scalar("clip", clip)
-            if isinstance(clip, float) and not clip > 0.0:
-                raise ValueError(f"clip must be > 0, got {clip}")
+        clip = _check_clip(clip)
         roles = list(coeffs)
         keys = [None if r == GRAD else STASH + r for r in roles]
-        stashed = self.stashed_roles()
-        unknown = [r for r in roles if r != GRAD and r not in stashed]
-        if unknown:
-            # A misspelt role would otherwise count as zero and its step would drop the real stash.
-            raise ValueError(f"combine names role(s) {unknown} but nothing is stashed under them; stashed: {stashed}")
+        self._check_roles_stashed(roles)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and not isinstance(found_inf, Tensor):
@@ -732,26 +725,48 @@ class RoleOptimizer(Optimizer):
             self.clear_stash()
             return
 
-        stash_tensors = [g for _, _, gs in plan for k, g in zip(keys, gs) if k is not None and g is not None]
-        if found_inf is not None and stash_tensors and not getattr(self, "_amp_checked", False):
-            # GradScaler only checks .grad; a non-finite stashed role must skip the step too.
-            bad = torch.stack([(~torch.isfinite(g)).any().to(found_inf.device) for g in stash_tensors]).any()
-            found_inf = found_inf.reshape(()).float() + bad.float()
-        # A skipped first step must not create state that would change the next one
-        # (one host sync, on first steps under AMP only).
-        first = found_inf is not None and any(self._needs_init(grp, self.state.get(p, {})) for grp, p, _ in plan)
-        if first and float(found_inf.reshape(())) != 0.0:
-            if restore is not None:
-                by_key: dict[tuple, list[Tensor]] = {}
-                for _, p, _ in plan:
-                    if restore[p] is not p:
-                        by_key.setdefault((p.device, p.dtype), []).append(p)
-                for ps in by_key.values():
-                    ops.restore_(ps, [restore[p] for p in ps], backend=self.backend)
+        if not getattr(self, "_amp_checked", False):  # the wrappers' AMP path checked every role already
+            found_inf = _with_stash_finiteness(found_inf, plan, keys)
+        if self._skips_first_step(plan, found_inf, restore):
             self.clear_stash()
             return
+        buckets = self._buckets(plan, len(roles))
 
-        # Pass 2: state, grouping.
+        def gating(b: dict[str, Any]) -> tuple[list[Tensor] | None, list[bool]]:
+            return self._gating(b, roles)
+
+        scale: float | Tensor = 1.0
+        if clip is not None:
+            scale = self._clip_scale(buckets.values(), gating, coeffs, clip, grad_scale)
+        for b in buckets.values():
+            self._combine_bucket(b, gating(b), coeffs, scale, grad_scale, found_inf, restore, work)
+        work.write_back()
+        self.clear_stash()
+
+    def _check_roles_stashed(self, roles: list[str]) -> None:
+        stashed = self.stashed_roles()
+        unknown = [r for r in roles if r != GRAD and r not in stashed]
+        if unknown:
+            # A misspelt role would otherwise count as zero and its step would drop the real stash.
+            raise ValueError(f"combine names role(s) {unknown} but nothing is stashed under them; stashed: {stashed}")
+
+    def _skips_first_step(self, plan: list, found_inf: Tensor | None, restore: dict | None) -> bool:
+        """A skipped first step must not create state that would change the next one
+        (one host sync, on first steps under AMP only); the fused restore still happens."""
+        first = found_inf is not None and any(self._needs_init(grp, self.state.get(p, {})) for grp, p, _ in plan)
+        if not (first and float(found_inf.reshape(())) != 0.0):
+            return False
+        if restore is not None:
+            by_key: dict[tuple, list[Tensor]] = {}
+            for _, p, _ in plan:
+                if restore[p] is not p:
+                    by_key.setdefault((p.device, p.dtype), []).append(p)
+            for ps in by_key.values():
+                ops.restore_(ps, [restore[p] for p in ps], backend=self.backend)
+        return True
+
+    def _buckets(self, plan: list, n_roles: int) -> dict[tuple, dict[str, Any]]:
+        """Pass 2: state, and one bucket per (group, device, dtype, state layout): one launch each."""
         buckets: dict[tuple, dict[str, Any]] = {}
         for group, p, gs in plan:
             init = self._init_state(group, p, self.state.setdefault(p, {}))
@@ -762,54 +777,63 @@ class RoleOptimizer(Optimizer):
             has_pen = group["penalty"] != 0 and "importance" in st and "anchor" in st
             key = (id(group), p.device, p.dtype, init, has_mask, has_pen)
             b = buckets.setdefault(key, {"group": group, "init": init, "mask": has_mask, "pen": has_pen,
-                                         "params": [], "grads": [[] for _ in roles]})  # fmt: skip
+                                         "params": [], "grads": [[] for _ in range(n_roles)]})  # fmt: skip
             b["params"].append(p)
             for r, g in enumerate(gs):
                 if g is None:
                     g = torch.zeros_like(p)
                 b["grads"][r].append(distributed.local(g if g.is_contiguous() else g.contiguous()))
+        return buckets
 
-        def gating(b: dict[str, Any]) -> tuple[list[Tensor] | None, list[bool]]:
-            if not b["mask"]:
-                return None, [False] * len(roles)
-            group = b["group"]
-            if group["mask_mode"] == "update":
-                flags = [True] * len(roles)
-            else:
-                gated = group["mask_roles"]
-                flags = [gated is None or r in gated for r in roles]
-            if not any(flags) and group["mask_mode"] == "grad":
-                return None, flags
-            return [self.state[p]["mask"] for p in b["params"]], flags
+    def _gating(self, b: dict[str, Any], roles: list[str]) -> tuple[list[Tensor] | None, list[bool]]:
+        """The bucket's masks (None: no gating) and which roles they gate."""
+        if not b["mask"]:
+            return None, [False] * len(roles)
+        group = b["group"]
+        if group["mask_mode"] == "update":
+            flags = [True] * len(roles)
+        else:
+            gated = group["mask_roles"]
+            flags = [gated is None or r in gated for r in roles]
+        if not any(flags) and group["mask_mode"] == "grad":
+            return None, flags
+        return [self.state[p]["mask"] for p in b["params"]], flags
 
-        scale: float | Tensor = 1.0
-        if clip is not None:
-            scale = self._clip_scale(buckets.values(), gating, coeffs, clip, grad_scale)
-
-        for b in buckets.values():
-            group = b["group"]
-            params = b["params"]
-            mask, flags = gating(b)
-            mode = group["mask_mode"] if mask is not None else "grad"
-            pen = {}
-            if b["pen"]:
-                pen = {"penalty": group["penalty"], "importance": [self.state[p]["importance"] for p in params],
-                           "anchor": [self.state[p]["anchor"] for p in params]}  # fmt: skip
-                pen = {k: v if k == "penalty" else distributed.local_list(v) for k, v in pen.items()}
-            dev = params[0].device
-            sc = scale.to(dev) if isinstance(scale, Tensor) else scale
-            states = {k: distributed.local_list(v) for k, v in self._state_lists(group, params).items()}
-            ops.combine_step_(
-                distributed.local_list(work(params)), b["grads"], states, rule=self._rule, lr=group["lr"],
-                coeffs=[c.to(dev) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()],
-                scale=sc, mask=mask, masked=flags if mask is not None else None, mask_mode=mode,
-                grad_scale=None if grad_scale is None else grad_scale.to(dev),
-                found_inf=None if found_inf is None else found_inf.to(dev),
-                init_momentum=b["init"], backend=self.backend, **pen, **self._rule_kwargs(group),
-                restore_from=None if restore is None else distributed.local_list(work([restore[p] for p in params])),
-            )  # fmt: skip
-        work.write_back()
-        self.clear_stash()
+    def _combine_bucket(
+        self,
+        b: dict[str, Any],
+        gate: tuple[list[Tensor] | None, list[bool]],
+        coeffs: dict[str, float | Tensor],
+        scale: float | Tensor,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        restore: dict | None,
+        work: ContiguousWork,
+    ) -> None:
+        """One fused :func:`fastclu.ops.combine_step_` over the bucket."""
+        group = b["group"]
+        params = b["params"]
+        mask, flags = gate
+        mode = group["mask_mode"] if mask is not None else "grad"
+        pen = {}
+        if b["pen"]:
+            pen = {"penalty": group["penalty"], "importance": [self.state[p]["importance"] for p in params],
+                   "anchor": [self.state[p]["anchor"] for p in params]}  # fmt: skip
+            pen = {k: v if k == "penalty" else distributed.local_list(v) for k, v in pen.items()}
+        dev = params[0].device
+        sc = scale.to(dev) if isinstance(scale, Tensor) else scale
+        # DTensor (FSDP2) parameters, their grads and state step as local shards; non-contiguous
+        # parameters through their contiguous working copies
+        states = {k: distributed.local_list(v) for k, v in self._state_lists(group, params).items()}
+        ops.combine_step_(
+            distributed.local_list(work(params)), b["grads"], states, rule=self._rule, lr=group["lr"],
+            coeffs=[c.to(dev) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()],
+            scale=sc, mask=mask, masked=flags if mask is not None else None, mask_mode=mode,
+            grad_scale=None if grad_scale is None else grad_scale.to(dev),
+            found_inf=None if found_inf is None else found_inf.to(dev),
+            init_momentum=b["init"], backend=self.backend, **pen, **self._rule_kwargs(group),
+            restore_from=None if restore is None else distributed.local_list(work([restore[p] for p in params])),
+        )  # fmt: skip
 
     def _clip_scale(
         self,
@@ -835,3 +859,21 @@ class RoleOptimizer(Optimizer):
             norm = norm / grad_scale.to(dev, torch.float64).reshape(())
         clip_t = torch.as_tensor(clip, dtype=torch.float64).to(dev)
         return (clip_t / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
+
+
+def _check_clip(clip: object) -> float | Tensor | None:
+    if clip is None:
+        return None
+    clip = _as_scalar("clip", clip)
+    if isinstance(clip, float) and not clip > 0.0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    return clip
+
+
+def _with_stash_finiteness(found_inf: Tensor | None, plan: list, keys: list[str | None]) -> Tensor | None:
+    """GradScaler only checks ``.grad``; a non-finite stashed role must skip the step too."""
+    stash_tensors = [g for _, _, gs in plan for k, g in zip(keys, gs) if k is not None and g is not None]
+    if found_inf is None or not stash_tensors:
+        return found_inf
+    bad = torch.stack([(~torch.isfinite(g)).any().to(found_inf.device) for g in stash_tensors]).any()
+    return found_inf.reshape(()).float() + bad.float()

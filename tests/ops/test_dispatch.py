@@ -66,3 +66,47 @@ def test_automatic_choice_on_cpu_is_the_reference() -> None:
     if os.environ.get("FASTCLU_BACKEND"):
         pytest.skip("FASTCLU_BACKEND is set")
     assert _registry.choose("combine_step_", None, "cpu") == "reference"
+
+
+def test_scoped_override_is_honoured_nests_and_leaves_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTCLU_BACKEND", "no-such-backend")  # lowest priority: never consulted below
+    seen: list[str] = []
+    real = _registry._impls["restore_"]["reference"]
+    monkeypatch.setitem(_registry._impls["restore_"], "reference", lambda *a, **k: seen.append("ref") or real(*a, **k))
+    p, b = _lists(torch.float32)
+    with fastclu.use_backend("reference"):
+        assert os.environ["FASTCLU_BACKEND"] == "no-such-backend"
+        O.restore_(p, b)
+        assert _registry.choose("restore_", None, "cuda") == "reference"  # beats automatic choice too
+        with O.use_backend("auto"):
+            assert O.current_backend() == "auto"
+        assert O.current_backend() == "reference"
+    assert seen == ["ref"] and all(torch.equal(x, y) for x, y in zip(p, b))
+    assert O.current_backend() == "no-such-backend"
+    with pytest.raises(ValueError, match="no-such-backend"):
+        O.restore_(p, b)
+
+
+def test_explicit_backend_beats_the_scope_and_bad_names_fail_early() -> None:
+    p, b = _lists(torch.float32)
+    missing = [n for n, why in fastclu.backends().items() if why is not None]
+    if missing:
+        with fastclu.use_backend(missing[0]), pytest.raises(RuntimeError, match="unavailable"):
+            O.restore_(p, b)
+        with fastclu.use_backend(missing[0]):
+            O.restore_(p, b, backend="reference")  # the argument wins over the scope
+    with pytest.raises(ValueError, match="backend must be"), fastclu.use_backend("gpu"):
+        pass
+    with pytest.raises(TypeError, match="backend"), fastclu.use_backend(1):  # type: ignore[arg-type]
+        pass
+
+
+def test_scoped_override_is_per_thread() -> None:
+    import threading
+
+    got: list[str] = []
+    with fastclu.use_backend("reference"):
+        t = threading.Thread(target=lambda: got.append(O.current_backend()))
+        t.start()
+        t.join()
+    assert got == [os.environ.get("FASTCLU_BACKEND") or "auto"]

@@ -2,10 +2,17 @@
 
 Importing this package registers every op for ``backend="cuda"``. The wrappers allocate
 outputs with torch, build (and cache) the multi-tensor device tables, and pass addresses,
-scalars and the current stream to the extension. fp64 operands are delegated to the reference
-backend (the kernels compute in fp32). Importing needs the extension but no GPU; calling an
-op with tensors that are not on a CUDA device raises ``ValueError``. Under ``torch.compile``
-the public ops route through the custom ops of :mod:`fastclu.ops.library`.
+scalars and the current stream to the extension. fp64 operands never reach this backend
+(``fastclu.ops`` routes them to the reference; the kernels compute in fp32). Importing needs
+the extension but no GPU; calling an op with tensors that are not on a CUDA device raises
+``ValueError``. Under ``torch.compile`` the public ops route through the custom ops of
+:mod:`fastclu.ops.library`.
 """
 
-from fastclu.ops.cuda import combine, elementwise, perturb, reductions  # noqa: F401
+import importlib
+
+from fastclu._registry import FAMILIES
+
+# one module per op family (fastclu._registry.OPS): importing it registers its ops
+for _family in FAMILIES:
+    importlib.import_module(f"fastclu.ops.cuda.{_family}")

@@ -10,16 +10,14 @@ changed parameter set (new addresses or sizes) simply builds a new table.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastclu import _C
-from fastclu._registry import _impls
 
 CHUNK: int = int(_C.CHUNK)
 ROW_HEADER: int = int(_C.ROW_HEADER)
@@ -68,17 +66,6 @@ def require_cuda(op: str, name: str, xs: Sequence[Tensor | None]) -> None:
                 f"{op} (cuda backend): {name}[{i}] is on {x.device}; the cuda backend needs CUDA tensors "
                 "(use backend='reference' for CPU tensors)"
             )
-
-
-def has_fp64(*lists: Sequence[Tensor | None] | None) -> bool:
-    return any(t is not None and t.dtype == torch.float64 for xs in lists if xs is not None for t in xs)
-
-
-def reference(op: str) -> Callable:
-    """The reference implementation of ``op``: the CUDA kernels compute in fp32, so fp64
-    operands (which the reference keeps in fp64) are delegated to it rather than narrowed."""
-    importlib.import_module("fastclu.ops.reference")
-    return _impls[op]["reference"]
 
 
 def stream_of(device: torch.device) -> int:

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from fastclu import _C
 from fastclu._registry import register
-from fastclu.ops.cuda._launch import build_table, has_fp64, on_device, reference, require_cuda, scalar, stream_of
+from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
+from fastclu.ops.tables import CombineRow, combine_operands
 
 Scalar = float | Tensor
 
@@ -101,14 +102,6 @@ def combine_step_(
             require_cuda(op, name, xs)
     if not params:
         return
-    if has_fp64(params, importance, anchor, restore_from, *grads, *bufs):
-        return reference(op)(
-            params, grads, state, rule=rule, lr=lr, coeffs=coeffs, scale=scale, mask=mask, masked=masked,
-            mask_mode=mask_mode, penalty=penalty, importance=importance, anchor=anchor, grad_scale=grad_scale,
-            found_inf=found_inf, restore_from=restore_from, weight_decay=weight_decay, maximize=maximize,
-            momentum=momentum, dampening=dampening, nesterov=nesterov, init_momentum=init_momentum,
-            betas=betas, eps=eps, amsgrad=amsgrad,
-        )  # fmt: skip
     dev = params[0].device
     with on_device(dev):
         fi_ptr = 0
@@ -133,12 +126,11 @@ def combine_step_(
         roles: list[list[Tensor] | None] = [list(grads[r]) if r < len(grads) else None for r in range(4)]
         state_ops: list[list[Tensor] | None] = [bufs[k] if k < len(bufs) else None for k in range(3)]
         has_penalty = importance is not None and not _is(penalty, 0.0)
-        operands = [
-            params, restore_from, *roles, mask, *state_ops,
-            importance if has_penalty else None, anchor if has_penalty else None,
-            list(steps) if step_mode == 2 else None,
-        ]  # fmt: skip
-        t = build_table(op, operands, dev, pointer_operands=(12,))
+        operands = combine_operands(
+            params, restore_from, roles, mask, state_ops, importance if has_penalty else None,
+            anchor if has_penalty else None, list(steps) if step_mode == 2 else None,
+        )  # fmt: skip
+        t = build_table(op, operands, dev, pointer_operands=(int(CombineRow.STEP),))
         scal = {name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty))}
         coeff = [scalar(c, dev) for c in coeffs]
         gs = scalar(grad_scale, dev) if grad_scale is not None else None

@@ -1,4 +1,4 @@
-"""CUDA backend: ``perturb_`` (task vector, direction, or row-scaled Philox noise)."""
+"""CUDA backend: ``perturb_`` (task vector, direction, or row-scaled Philox noise) and ``restore_``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import Tensor
 from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda import _launch
-from fastclu.ops.cuda._launch import build_table, has_fp64, on_device, reference, require_cuda, scalar, stream_of
+from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
 
 Scalar = float | Tensor
 
@@ -39,10 +39,6 @@ def perturb_(
             require_cuda(op, name, xs)
     if not params:
         return [] if seed is not None else None
-    if has_fp64(params, backup, anchor, direction):
-        return reference(op)(
-            params, scale, backup=backup, anchor=anchor, direction=direction, seed=seed, row_norms=row_norms
-        )
     dev = params[0].device
     with on_device(dev):
         s = scalar(scale, dev)
@@ -67,3 +63,17 @@ def perturb_(
         t = build_table(op, [params, backup, norms], dev, aux=lengths)
         _C.perturb_noise(t.ptr, t.n_rows, t.n_chunks, s.value, s.ptr, int(seed), stream)
         return norms
+
+
+@register("restore_", "cuda")
+def restore_(params: list[Tensor], backup: list[Tensor]) -> None:
+    """Bit-exact ``params[i] = backup[i]``: one raw-copy launch over every tensor."""
+    op = "restore_"
+    if not params:
+        return
+    require_cuda(op, "params", params)
+    require_cuda(op, "backup", backup)
+    dev = params[0].device
+    with on_device(dev):
+        t = build_table(op, [params, backup], dev)
+        _C.restore_mt(t.ptr, t.n_rows, t.n_chunks, stream_of(dev))

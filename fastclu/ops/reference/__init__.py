@@ -5,4 +5,10 @@ Importing this package registers every reference op (the ``@register`` decorator
 
 from __future__ import annotations
 
-from fastclu.ops.reference import combine, fisher, gram, hvp, lerp, masks, merge, perturb  # noqa: F401
+import importlib
+
+from fastclu._registry import FAMILIES
+
+# one module per op family (fastclu._registry.OPS): importing it registers its ops
+for _family in FAMILIES:
+    importlib.import_module(f"fastclu.ops.reference.{_family}")

@@ -1,5 +1,7 @@
-"""Reference ``combine_step_``: masked role-gradient combination fused with SGD / AdamW.
+"""Reference ``combine_step_``: masked role-gradient combination fused with an update rule.
 
+This file is the shared prologue (mask, role weights, scale, AMP unscale, penalty, fused
+restore, update-mode selection); each rule's update lives in ``reference/rules/<rule>.py``.
 The update mirrors the op order of torch.optim's single-tensor SGD / AdamW (``foreach=False``)
 so that one role with coefficient 1, scale 1, no mask / penalty / AMP and fp32 parameters is
 bit-identical to torch. Arguments arrive validated by :func:`fastclu.ops.combine_step_`.
@@ -14,6 +16,8 @@ from torch import Tensor
 
 from fastclu._registry import register
 from fastclu.ops.bits import unpack_bits
+from fastclu.ops.reference.rules import update_of
+from fastclu.ops.rules import StepConfig
 
 Scalar = float | Tensor
 
@@ -98,11 +102,11 @@ def combine_step_(
         return
     gs = None if grad_scale is None else grad_scale.reshape(())
     gate = [bool(f) and mask_mode == "grad" for f in masked]
-    state_keys = (
-        (["momentum_buffer"] if momentum != 0 else [])
-        if rule == "sgd"
-        else ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+    cfg = StepConfig(
+        rule, lr, weight_decay, maximize, momentum, dampening, nesterov, init_momentum, betas, eps, amsgrad
     )
+    update = update_of(rule)
+    state_keys = [k for k in cfg.state_keys if k != "step"]
     for i, p in enumerate(params):
         dtype = _compute_dtype(p)
         bits = unpack_bits(mask[i], p.numel(), p.shape) if mask is not None else None
@@ -120,12 +124,7 @@ def combine_step_(
         if maximize:
             g = -g
 
-        if rule == "sgd":
-            _sgd(theta, g, bufs.get("momentum_buffer"), lr=lr, weight_decay=weight_decay, momentum=momentum,
-                 dampening=dampening, nesterov=nesterov, init_momentum=init_momentum)  # fmt: skip
-        else:
-            _adamw(theta, g, bufs, state["step"][i], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
-                   amsgrad=amsgrad)  # fmt: skip
+        update(theta, g, bufs, state["step"][i] if "step" in cfg.state_keys else None, cfg)
 
         if mask_mode == "update":
             # Masked-out weights and their optimizer state do not move at all.
@@ -137,63 +136,3 @@ def combine_step_(
         for k, b in bufs.items():
             if b is not state[k][i]:
                 state[k][i].copy_(b)
-
-
-def _sgd(
-    theta: Tensor,
-    g: Tensor,
-    buf: Tensor | None,
-    *,
-    lr: Scalar,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    init_momentum: bool,
-) -> None:
-    # Same op sequence as torch.optim.sgd._single_tensor_sgd.
-    if weight_decay != 0:
-        g = g.add(theta, alpha=weight_decay)
-    if momentum != 0:
-        assert buf is not None
-        if init_momentum:
-            buf.copy_(g)
-        else:
-            buf.mul_(momentum).add_(g, alpha=1 - dampening)
-        g = g.add(buf, alpha=momentum) if nesterov else buf
-    theta.add_(g, alpha=-lr)
-
-
-def _adamw(
-    theta: Tensor,
-    g: Tensor,
-    bufs: dict[str, Tensor],
-    step_t: Tensor,
-    *,
-    lr: Scalar,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    amsgrad: bool,
-) -> None:
-    # Same op sequence as torch.optim.adam._single_tensor_adam with decoupled weight decay
-    # (bias corrections in Python floats, tensor lr kept a tensor as torch does).
-    beta1, beta2 = betas
-    exp_avg, exp_avg_sq = bufs["exp_avg"], bufs["exp_avg_sq"]
-    step_t += 1
-    if weight_decay != 0:
-        theta.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step = step_t.item()
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    if amsgrad:
-        max_sq = bufs["max_exp_avg_sq"]
-        torch.maximum(max_sq, exp_avg_sq, out=max_sq)
-        denom = (max_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    else:
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    theta.addcdiv_(exp_avg, denom, value=-step_size)

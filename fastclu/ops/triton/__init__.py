@@ -4,4 +4,10 @@ Importing this package registers the kernels; it is imported lazily by the regis
 ``TRITON_INTERPRET=1`` can be set before triton is first loaded.
 """
 
-from fastclu.ops.triton import combine, fastslow, masks, merge, perturb, reductions  # noqa: F401
+import importlib
+
+from fastclu._registry import FAMILIES
+
+# one module per op family (fastclu._registry.OPS): importing it registers its ops
+for _family in FAMILIES:
+    importlib.import_module(f"fastclu.ops.triton.{_family}")

@@ -269,6 +269,12 @@ def scalar_arg(x: float | Tensor, device: torch.device, dummy: Tensor) -> tuple[
 
 
 @helper
+def f64(hi, lo):
+    """The fp64 value of a double passed as two fp32 kernel arguments (see ``combine._split``)."""
+    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+
+
+@helper
 def load_scalar(ptr, val, IS_T: tl.constexpr):
     if IS_T:
         return tl.load(ptr).to(tl.float32)

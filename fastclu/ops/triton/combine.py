@@ -1,4 +1,8 @@
-"""The fused step: saliency-masked role-gradient combination + SGD / AdamW, one launch per group.
+"""The fused step: saliency-masked role-gradient combination + an update rule, one launch per group.
+
+This file is the shared prologue (mask, role weights, scale, AMP unscale, penalty, fused
+restore, update-mode selection); the rule's update is a Triton function from
+``fastclu/ops/triton/rules/<rule>.py``, passed to the kernel as the constexpr ``RULE``.
 
 Per element, everything in fp32 (see :func:`fastclu.ops.combine_step_` and the reference,
 whose op order is followed so fp32 results agree to rounding): gate and weight the role
@@ -22,10 +26,13 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.tables import CombineRow as R_
+from fastclu.ops.tables import combine_operands
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
     block_info,
+    f64,
     groups,
     helper,
     launch,
@@ -35,9 +42,18 @@ from fastclu.ops.triton._multitensor import (
     scalar_arg,
     tl_dtype,
 )
+from fastclu.ops.triton._rows import (
+    ROW_ANCHOR,
+    ROW_GRAD0,
+    ROW_IMPORTANCE,
+    ROW_MASK,
+    ROW_PARAM,
+    ROW_RESTORE,
+    ROW_STEP,
+)
+from fastclu.ops.triton.rules import update_of
 
 # table rows
-_P, _G0, _MASK, _B0, _B1, _B2, _IMP, _ANC, _RST, _STEP = 0, 1, 5, 6, 7, 8, 9, 10, 11, 12
 _TB = 256  # tensors per program of the step-counter kernel
 
 
@@ -45,11 +61,6 @@ def _split(x: float) -> tuple[float, float]:
     """A double as two fp32 values whose sum carries ~48 bits (kernel float args are fp32)."""
     hi = float(np.float32(x))
     return hi, x - hi
-
-
-@helper
-def _f64(hi, lo):
-    return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
 
 
 @helper
@@ -88,7 +99,7 @@ def _combine_kernel(
     SC_T: tl.constexpr, PEN_T: tl.constexpr,
     R: tl.constexpr, GATE0: tl.constexpr, GATE1: tl.constexpr, GATE2: tl.constexpr, GATE3: tl.constexpr,
     HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_GS: tl.constexpr,
-    HAS_FI: tl.constexpr, RESTORE: tl.constexpr, ADAMW: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_FI: tl.constexpr, RESTORE: tl.constexpr, RULE: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, INIT_MOM: tl.constexpr,
     AMSGRAD: tl.constexpr,
     DP: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
@@ -97,7 +108,7 @@ def _combine_kernel(
     EVEN: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    pp = operand_ptr(ptrs, n_tensors, 0, t, DP, ALIGN)
+    pp = operand_ptr(ptrs, n_tensors, ROW_PARAM, t, DP, ALIGN)
 
     # where nothing may move: a 0 mask bit in update mode, or the whole step when AMP found inf
     go = m
@@ -106,7 +117,9 @@ def _combine_kernel(
         fi = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
         go = go & (fi == 0.0)
     if HAS_MASK:
-        byte = tl.load(operand_ptr(ptrs, n_tensors, 5, t, tl.uint8, ALIGN) + (offs >> 3), mask=m, other=0).to(tl.int32)
+        byte = tl.load(operand_ptr(ptrs, n_tensors, ROW_MASK, t, tl.uint8, ALIGN) + (offs >> 3), mask=m, other=0).to(
+            tl.int32
+        )
         bit = ((byte >> (offs & 7).to(tl.int32)) & 1) != 0
     else:
         bit = m
@@ -114,26 +127,34 @@ def _combine_kernel(
         go = go & bit
 
     if RESTORE:
-        theta_raw = tl.load(operand_ptr(ptrs, n_tensors, 11, t, DR, ALIGN) + offs, mask=m, other=0.0)
+        theta_raw = tl.load(operand_ptr(ptrs, n_tensors, ROW_RESTORE, t, DR, ALIGN) + offs, mask=m, other=0.0)
         # the restore itself is not part of the step: clean weights land in params regardless
         theta_old = theta_raw.to(DP)
     else:
         theta_old = tl.load(pp + offs, mask=m, other=0.0)
     theta = theta_old.to(tl.float32)
 
-    g = _role(ptrs, n_tensors, 1, t, offs, m, bit, D0, GATE0, load_scalar(c0_ptr, c0_val, C0_T), ALIGN)
+    g = _role(ptrs, n_tensors, ROW_GRAD0, t, offs, m, bit, D0, GATE0, load_scalar(c0_ptr, c0_val, C0_T), ALIGN)
     if R > 1:
-        g = g + _role(ptrs, n_tensors, 2, t, offs, m, bit, D1, GATE1, load_scalar(c1_ptr, c1_val, C1_T), ALIGN)
+        g = g + _role(
+            ptrs, n_tensors, ROW_GRAD0 + 1, t, offs, m, bit, D1, GATE1, load_scalar(c1_ptr, c1_val, C1_T), ALIGN
+        )
     if R > 2:
-        g = g + _role(ptrs, n_tensors, 3, t, offs, m, bit, D2, GATE2, load_scalar(c2_ptr, c2_val, C2_T), ALIGN)
+        g = g + _role(
+            ptrs, n_tensors, ROW_GRAD0 + 2, t, offs, m, bit, D2, GATE2, load_scalar(c2_ptr, c2_val, C2_T), ALIGN
+        )
     if R > 3:
-        g = g + _role(ptrs, n_tensors, 4, t, offs, m, bit, D3, GATE3, load_scalar(c3_ptr, c3_val, C3_T), ALIGN)
+        g = g + _role(
+            ptrs, n_tensors, ROW_GRAD0 + 3, t, offs, m, bit, D3, GATE3, load_scalar(c3_ptr, c3_val, C3_T), ALIGN
+        )
     g = g * load_scalar(sc_ptr, sc_val, SC_T)
     if HAS_GS:
         g = g / tl.load(gs_ptr).to(tl.float32)
     if HAS_PEN:
-        imp = tl.load(operand_ptr(ptrs, n_tensors, 9, t, DI, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
-        anc = tl.load(operand_ptr(ptrs, n_tensors, 10, t, DA, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+        imp = tl.load(operand_ptr(ptrs, n_tensors, ROW_IMPORTANCE, t, DI, ALIGN) + offs, mask=m, other=0.0).to(
+            tl.float32
+        )
+        anc = tl.load(operand_ptr(ptrs, n_tensors, ROW_ANCHOR, t, DA, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
         g = g + (load_scalar(pen_ptr, pen_val, PEN_T) * imp) * (theta - anc)
     if MAXIMIZE:
         g = -g
@@ -143,47 +164,13 @@ def _combine_kernel(
         lr64 = lr32.to(tl.float64)
     else:
         lr32 = tl.cast(lr_val, tl.float32)
-        lr64 = _f64(lr_hi, lr_lo)
+        lr64 = f64(lr_hi, lr_lo)
 
-    if ADAMW:
-        b0p = operand_ptr(ptrs, n_tensors, 6, t, DB0, ALIGN)
-        b1p = operand_ptr(ptrs, n_tensors, 7, t, DB1, ALIGN)
-        # per-tensor step size and sqrt(bias correction 2), formed once per tensor by _step_kernel
-        step_size = tl.load(coef + 2 * t)
-        bc2_sqrt = tl.load(coef + 2 * t + 1)
-        beta1 = _f64(b1_hi, b1_lo)
-        beta2 = _f64(b2_hi, b2_lo)
-        if HAS_WD:
-            theta = theta * (1.0 - lr64 * tl.cast(wd, tl.float64)).to(tl.float32)
-        ea = tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32)
-        eas = tl.load(b1p + offs, mask=m, other=0.0).to(tl.float32)
-        # torch.lerp(ea, g, w), with its switch of formula at w = 0.5
-        w = (1.0 - beta1).to(tl.float32)
-        ea_new = tl.where(w < 0.5, ea + w * (g - ea), g - (g - ea) * (1.0 - w))
-        eas_new = eas * beta2.to(tl.float32) + ((1.0 - beta2).to(tl.float32) * g) * g
-        tl.store(b0p + offs, ea_new.to(DB0), mask=go)
-        tl.store(b1p + offs, eas_new.to(DB1), mask=go)
-        v = eas_new
-        if AMSGRAD:
-            b2p = operand_ptr(ptrs, n_tensors, 8, t, DB2, ALIGN)
-            vmax = tl.load(b2p + offs, mask=m, other=0.0).to(tl.float32)
-            # issue 17: torch.maximum propagates NaN, tl.maximum drops it
-            v = tl.maximum(vmax, eas_new, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(b2p + offs, v.to(DB2), mask=go)
-        denom = tl.sqrt_rn(v) / bc2_sqrt + eps
-        theta = theta + (-step_size * ea_new) / denom
-    else:
-        if HAS_WD:
-            g = g + wd * theta
-        if HAS_MOM:
-            b0p = operand_ptr(ptrs, n_tensors, 6, t, DB0, ALIGN)
-            if INIT_MOM:
-                buf = g
-            else:
-                buf = tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32) * momentum + one_minus_damp * g
-            tl.store(b0p + offs, buf.to(DB0), mask=go)
-            g = g + momentum * buf if NESTEROV else buf
-        theta = theta + (-lr32) * g
+    # the rule's own update (one file per rule: fastclu/ops/triton/rules/<rule>.py), a constexpr
+    theta = RULE(
+        theta, g, lr32, lr64, ptrs, n_tensors, t, offs, m, go, coef, wd, momentum, one_minus_damp,
+        b1_hi, b1_lo, b2_hi, b2_lo, eps, HAS_WD, HAS_MOM, NESTEROV, INIT_MOM, AMSGRAD, DB0, DB1, DB2, ALIGN,
+    )  # fmt: skip
 
     new = tl.where(go, theta.to(DP), theta_old)
     if RESTORE:
@@ -200,7 +187,7 @@ def _step_kernel(
     """Per tensor: step += 1 (unless AMP found inf), then AdamW's step size and sqrt(bc2) into coef."""
     t = tl.program_id(0) * TB + tl.arange(0, TB)
     ok = t < n_tensors
-    sp = tl.load(ptrs + 12 * n_tensors + t, mask=ok, other=0).to(tl.pointer_type(DST))
+    sp = tl.load(ptrs + ROW_STEP * n_tensors + t, mask=ok, other=0).to(tl.pointer_type(DST))
     old = tl.load(sp, mask=ok, other=0.0).to(tl.float32)
     step = old + 1.0
     if HAS_FI:
@@ -209,12 +196,13 @@ def _step_kernel(
         fi = tl.zeros([TB], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
         step = tl.where(fi == 0.0, step, old)
     tl.store(sp, step.to(DST), mask=ok)
-    # issue 17: clamped to 2**62 before the cast (beyond, beta ** n is 0 in fp64 anyway)
-    n = tl.maximum(tl.minimum(step, 4.611686018427388e18).to(tl.int64), 1)  # max: avoid 1 / 0 on a skipped first step
-    lr64 = tl.load(lr_ptr).to(tl.float32).to(tl.float64) if LR_T else _f64(lr_hi, lr_lo)
+    # issue 17: clamped to 2**62 before the cast (beyond, beta ** n is 0 in fp64 anyway); max: avoid
+    # 1 / 0 on a skipped first step
+    n = tl.maximum(tl.minimum(step, 4.611686018427388e18).to(tl.int64), 1)
+    lr64 = tl.load(lr_ptr).to(tl.float32).to(tl.float64) if LR_T else f64(lr_hi, lr_lo)
     # as torch does in Python floats: 1 - beta ** step, lr / bc1, sqrt(bc2), then rounded to fp32
-    bc1 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + _f64(b1_hi, b1_lo), n)
-    bc2 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + _f64(b2_hi, b2_lo), n)
+    bc1 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + f64(b1_hi, b1_lo), n)
+    bc2 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + f64(b2_hi, b2_lo), n)
     tl.store(coef + 2 * t, (lr64 / bc1).to(tl.float32), mask=ok)
     tl.store(coef + 2 * t + 1, tl.sqrt(bc2).to(tl.float32), mask=ok)
 
@@ -292,9 +280,8 @@ def combine_step_(
         bufs = [state["momentum_buffer"] if has_mom else None, None, None]
         steps = None
     has_pen = importance is not None and not (isinstance(penalty, float) and penalty == 0.0)
-    roles = list(grads) + [None] * (4 - R)
-    ops = [params, *roles, mask, *bufs, importance if has_pen else None, anchor if has_pen else None, restore_from,
-           steps]  # fmt: skip
+    ops = combine_operands(params, restore_from, list(grads), mask, bufs, importance if has_pen else None,
+                           anchor if has_pen else None, steps)  # fmt: skip
     gs_list, _ = groups(ops)
     gate = [bool(f) and mask is not None and mask_mode == "grad" for f in masked] + [False] * (4 - R)
     for g in gs_list:
@@ -318,7 +305,7 @@ def combine_step_(
             coef = mt.alloc((g.n_tensors, 2), torch.float32, dev)
             _step_kernel[(triton.cdiv(g.n_tensors, _TB),)](
                 g.ptrs, g.n_tensors, fiv, lr_p, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
-                HAS_FI=found_inf is not None, LR_T=lr_t, DST=dt[_STEP], TB=_TB,
+                HAS_FI=found_inf is not None, LR_T=lr_t, DST=dt[R_.STEP], TB=_TB,
             )  # fmt: skip
         if g.n_blocks:
             launch(_combine_kernel, g, 
@@ -330,8 +317,9 @@ def combine_step_(
                 R=R, GATE0=gate[0], GATE1=gate[1], GATE2=gate[2], GATE3=gate[3],
                 HAS_MASK=mask is not None, UPDATE=mask_mode == "update", HAS_PEN=has_pen,
                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None, RESTORE=restore_from is not None,
-                ADAMW=adamw, MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, HAS_MOM=has_mom,
+                RULE=update_of(rule), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, HAS_MOM=has_mom,
                 NESTEROV=bool(nesterov), INIT_MOM=bool(init_momentum), AMSGRAD=bool(amsgrad),
-                DP=dt[_P], D0=dt[1], D1=dt[2], D2=dt[3], D3=dt[4], DB0=dt[_B0], DB1=dt[_B1], DB2=dt[_B2],
-                DI=dt[_IMP], DA=dt[_ANC], DR=dt[_RST], DST=dt[_STEP], BLOCK=BLOCK,
+                DP=dt[R_.PARAM], D0=dt[R_.GRAD0], D1=dt[R_.GRAD0 + 1], D2=dt[R_.GRAD0 + 2], D3=dt[R_.GRAD0 + 3],
+                DB0=dt[R_.STATE0], DB1=dt[R_.STATE1], DB2=dt[R_.STATE_MAX], DI=dt[R_.IMPORTANCE],
+                DA=dt[R_.ANCHOR], DR=dt[R_.RESTORE], DST=dt[R_.STEP], BLOCK=BLOCK,
             )  # fmt: skip

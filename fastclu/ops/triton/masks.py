@@ -1,4 +1,4 @@
-"""Saliency kernels: Fisher accumulation, the ratio mask and the exact global top-k mask.
+"""Saliency mask kernels: the ratio mask and the exact global top-k mask.
 
 Masks are written bit-packed (``fastclu.ops.bits``): every block starts at a multiple of 8
 elements, so a block owns whole bytes and no two programs write the same byte.
@@ -6,7 +6,6 @@ elements, so a block owns whole bytes and no two programs write the same byte.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -26,42 +25,6 @@ from fastclu.ops.triton._multitensor import (
     scalar_arg,
     tl_dtype,
 )
-
-# ---------------------------------------------------------------------------------------------
-# fisher_accumulate_
-
-
-@triton.jit
-def _fisher_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, s_ptr, s_val,
-    blk0, S_T: tl.constexpr, POWER: tl.constexpr, DF: tl.constexpr, DG: tl.constexpr, BLOCK: tl.constexpr,
-    EVEN: tl.constexpr, ALIGN: tl.constexpr,
-):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    fp = operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN)
-    s = load_scalar(s_ptr, s_val, S_T)
-    g = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DG, ALIGN) + offs, mask=m).to(tl.float32)
-    v = g * g if POWER == 2 else tl.abs(g)
-    f = tl.load(fp + offs, mask=m).to(tl.float32)
-    tl.store(fp + offs, (f + s * v).to(DF), mask=m)
-
-
-@register("fisher_accumulate_", "triton")
-@on_device
-def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], scale: float | Tensor, *, power: int) -> None:
-    """``fisher += scale * g**2`` (or ``|g|``); see :func:`fastclu.ops.fisher_accumulate_`."""
-    if not fisher:
-        return
-    gs, _ = groups([fisher, grads])
-    for g in gs:
-        if g.n_blocks == 0:
-            continue
-        sp, sv, st = scalar_arg(scale, fisher[0].device, g.numel)
-        launch(_fisher_kernel, g, 
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, sp, sv,
-            S_T=st, POWER=power, DF=tl_dtype(g.dtypes[0]), DG=tl_dtype(g.dtypes[1]), BLOCK=BLOCK,
-        )  # fmt: skip
-
 
 # ---------------------------------------------------------------------------------------------
 # bit packing helpers
@@ -86,43 +49,24 @@ def _pack(bits, BLOCK: tl.constexpr):
 # ratio_mask
 
 
-@helper
-def _f64(hi, mid, lo):
-    return (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
-
-
 @triton.jit
 def _ratio_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, g_ptr, g_hi, g_mid, g_lo, e_hi, e_mid, e_lo,
-    blk0, G_T: tl.constexpr, DF: tl.constexpr, DR: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+    ptrs, numel, blk_tensor, blk_start, n_tensors, g_ptr, g_val, eps,
+    blk0, G_T: tl.constexpr, DF: tl.constexpr, DR: tl.constexpr, BLOCK: tl.constexpr,
     EVEN: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    # CT: the reference's compute dtype (fp64 when either input is fp64, else fp32). Host floats
-    # arrive as fp32 triples (kernel float arguments are fp32) so an fp64 comparison sees them whole.
+    # Compared in fp32, as the reference does for fp32/fp16/bf16 (fp64 never reaches a kernel).
     pid = tl.program_id(0) + blk0
     t = tl.load(blk_tensor + pid)
     n = tl.load(numel + t)
     bytes_, offs = _byte_offsets(tl.multiple_of(tl.load(blk_start + pid), BLOCK), BLOCK)
     m = tl.full([BLOCK // 8, 8], 1, tl.int1) if EVEN else offs < n
-    gamma = tl.load(g_ptr).to(CT) if G_T else _f64(g_hi, g_mid, g_lo).to(CT)
-    eps = _f64(e_hi, e_mid, e_lo).to(CT)
-    ff = tl.load(operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN) + offs, mask=m, other=0.0).to(CT)
-    fr = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DR, ALIGN) + offs, mask=m, other=0.0).to(CT)
+    gamma = load_scalar(g_ptr, g_val, G_T)
+    ff = tl.load(operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    fr = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DR, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
     keep = ((ff + eps) >= gamma * (fr + eps)) & m
     out = operand_ptr(ptrs, n_tensors, 2, t, tl.uint8, ALIGN)
     tl.store(out + bytes_, _pack(keep, BLOCK), mask=bytes_ * 8 < n)
-
-
-def _split(x: float) -> tuple[float, float, float]:
-    """A double as three fp32 values whose fp64 sum is exactly ``x`` (kernel float arguments are fp32).
-
-    Two would carry only ~48 of the 53 bits: an fp64 comparison near its boundary could then differ
-    from the reference's.
-    """
-    with np.errstate(over="ignore"):  # beyond fp32 range: inf, as the fp32 reference rounds it too
-        hi = float(np.float32(x))
-        mid = float(np.float32(x - hi)) if np.isfinite(hi) else 0.0
-        return hi, mid, float(np.float32(x - hi - mid)) if np.isfinite(hi) else 0.0
 
 
 def _empty_masks(xs: list[Tensor]) -> list[Tensor]:
@@ -141,11 +85,9 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: float | Te
         if g.n_blocks == 0:
             continue
         gp, gv, gt = scalar_arg(gamma, f_forget[0].device, g.numel)
-        wide = torch.float64 in g.dtypes[:2]
         launch(_ratio_kernel, g,
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, gp, *_split(gv), *_split(float(eps)),
-            G_T=gt, DF=tl_dtype(g.dtypes[0]), DR=tl_dtype(g.dtypes[1]), CT=tl.float64 if wide else tl.float32,
-            BLOCK=BLOCK,
+            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, gp, gv, float(eps),
+            G_T=gt, DF=tl_dtype(g.dtypes[0]), DR=tl_dtype(g.dtypes[1]), BLOCK=BLOCK,
         )  # fmt: skip
     return outs
 
@@ -153,8 +95,8 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: float | Te
 # ---------------------------------------------------------------------------------------------
 # topk_mask: exact global top-k by histogram radix select over ordered integer keys
 #
-# Each score becomes a uint32 key (uint64 when any score is fp64: narrowing would merge values)
-# whose unsigned order is the float order (-0.0 folded onto +0.0). Passes of 8 bits, most
+# Each score becomes a uint32 key (fp64 scores never reach a kernel: fastclu.ops routes them to
+# the reference, whose keys are 64-bit) whose unsigned order is the float order (-0.0 folded onto +0.0). Passes of 8 bits, most
 # significant first, narrow the k-th largest key down: a pass histograms the digit of every
 # key that matches the prefix found so far (integer atomics: exact and order independent),
 # then one program picks the digit holding the k-th key and updates (prefix, k remaining) on
@@ -164,40 +106,30 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: float | Te
 
 
 @helper
-def _ukey(ptr, offs, m, WIDE: tl.constexpr):
-    if WIDE:
-        x = tl.load(ptr + offs, mask=m, other=0.0).to(tl.float64)
-        x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0
-        bits = x.to(tl.int64, bitcast=True)
-        key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)  # signed int order == float order
-        return (key ^ -9223372036854775808).to(tl.uint64, bitcast=True)  # unsigned order == float order
-    else:
-        x = tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
-        x = tl.where(x == 0.0, 0.0, x)
-        bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        return (key ^ -2147483648).to(tl.uint32, bitcast=True)
+def _ukey(ptr, offs, m):
+    x = tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)  # fp16/bf16 widen to fp32 exactly
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int order == float order
+    return (key ^ -2147483648).to(tl.uint32, bitcast=True)  # unsigned order == float order
 
 
 @helper
-def _state_key(state, WIDE: tl.constexpr):
-    """The key bits found so far (held in an int64 on the device) in the key's own type."""
-    if WIDE:
-        return tl.load(state).to(tl.uint64, bitcast=True)
-    else:
-        return tl.load(state).to(tl.uint32)
+def _state_key(state):
+    """The key bits found so far (held in an int64 on the device) as a uint32 key."""
+    return tl.load(state).to(tl.uint32)
 
 
 @triton.jit
 def _topk_hist_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, state, hist, blk0, SHIFT: tl.constexpr, WIDE: tl.constexpr,
+    ptrs, numel, blk_tensor, blk_start, n_tensors, state, hist, blk0, SHIFT: tl.constexpr,
     D: tl.constexpr, BLOCK: tl.constexpr,
     EVEN: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m, WIDE)
-    if (56 if WIDE else 24) > SHIFT:
-        prefix = _state_key(state, WIDE)
+    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m)
+    if SHIFT < 24:
+        prefix = _state_key(state)
         m = m & ((k >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
     digit = ((k >> SHIFT) & 255).to(tl.int32)
     h = tl.histogram(tl.where(m, digit, 256), 512)  # non-matching keys land in bins >= 256
@@ -216,7 +148,6 @@ def _topk_select_kernel(state, hist, SHIFT: tl.constexpr):
     d = tl.max(tl.where(hit, bins, -1), axis=0)
     above_d = tl.sum(tl.where(bins == d, above, 0), axis=0)
     prefix = tl.load(state)
-    # at SHIFT 56 the digit reaches the int64 sign bit: the bits are what matter (bitcast later)
     tl.store(state, prefix | (d.to(tl.int64) << SHIFT))
     tl.store(state + 1, kr - above_d)
     tl.store(hist + bins, tl.zeros([256], dtype=tl.int64))
@@ -224,28 +155,28 @@ def _topk_select_kernel(state, hist, SHIFT: tl.constexpr):
 
 @triton.jit
 def _topk_ties_kernel(
-    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties, blk0, WIDE: tl.constexpr, D: tl.constexpr,
+    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties, blk0, D: tl.constexpr,
     BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0) + blk0
     t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
-    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m, WIDE)
-    thr = _state_key(state, WIDE)
+    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m)
+    thr = _state_key(state)
     eq = (m & (k == thr)).to(tl.int64)
     tl.store(ties + tl.load(blk_global + pid), tl.sum(eq, axis=0))
 
 
 @triton.jit
 def _topk_write_kernel(
-    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties_before, blk0, WIDE: tl.constexpr,
+    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties_before, blk0,
     D: tl.constexpr, BLOCK: tl.constexpr,
     EVEN: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0) + blk0
     t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
     n = tl.load(numel + t)
-    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m, WIDE)
-    thr = _state_key(state, WIDE)
+    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m)
+    thr = _state_key(state)
     q = tl.load(state + 1)
     eq = (m & (k == thr)).to(tl.int64)
     rank = tl.load(ties_before + tl.load(blk_global + pid)) + tl.cumsum(eq, axis=0) - eq
@@ -259,8 +190,6 @@ def _topk_write_kernel(
 @on_device
 def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
     """Exact global top-``k`` mask, bit-packed, ties to the earliest; see :func:`fastclu.ops.topk_mask`."""
-    # fp16/bf16 widen to fp32 exactly; with any fp64 score every key is 64-bit (8 passes)
-    wide = any(s.dtype == torch.float64 for s in scores)
     outs = _empty_masks(scores)
     if not scores:
         return outs
@@ -272,12 +201,12 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
     gs, total = groups([scores, outs])
     state = torch.tensor([0, k], dtype=torch.int64).to(dev)
     hist = torch.zeros(256, dtype=torch.int64, device=dev)
-    for shift in range(56 if wide else 24, -1, -8):
+    for shift in range(24, -1, -8):
         for g in gs:
             if g.n_blocks:
                 launch(_topk_hist_kernel, g, 
                     g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, state, hist,
-                    SHIFT=shift, WIDE=wide, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
+                    SHIFT=shift, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
                 )  # fmt: skip
         _topk_select_kernel[(1,)](state, hist, SHIFT=shift)
     ties = mt.alloc(max(total, 1), torch.int64, dev)
@@ -285,7 +214,7 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
         if g.n_blocks:
             launch(_topk_ties_kernel, g, 
                 g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, state, ties,
-                WIDE=wide, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
+                D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
             )  # fmt: skip
     # Integer prefix sum over a few values per block: exact, and tiny next to the scores.
     ties_before = torch.cumsum(ties, 0) - ties
@@ -293,6 +222,6 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
         if g.n_blocks:
             launch(_topk_write_kernel, g, 
                 g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, state, ties_before,
-                WIDE=wide, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
+                D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
             )  # fmt: skip
     return outs

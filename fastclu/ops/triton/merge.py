@@ -1,12 +1,14 @@
-"""P&M merge and the finite-difference Hessian-vector product, as multi-tensor launches."""
+"""P&M merge: ``merge_`` and ``merge_stats`` (the two sums of alpha, deterministic) as multi-tensor launches."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
     block_info,
@@ -18,6 +20,8 @@ from fastclu.ops.triton._multitensor import (
     scalar_arg,
     tl_dtype,
 )
+from fastclu.ops.triton._reduce import dsum as _dsum
+from fastclu.ops.triton._reduce import sum_partials
 
 
 @triton.jit
@@ -52,37 +56,42 @@ def merge_(params: list[Tensor], anchor: list[Tensor], alpha: float | Tensor) ->
 
 
 @triton.jit
-def _fd_hvp_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, e_ptr, e_val,
-    blk0, E_T: tl.constexpr, ACC: tl.constexpr, DO: tl.constexpr, DPL: tl.constexpr, DMI: tl.constexpr,
-    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
+def _merge_stats_kernel(
+    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, part,
+    blk0, DP: tl.constexpr, DA: tl.constexpr, DF: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    op = operand_ptr(ptrs, n_tensors, 0, t, DO, ALIGN)
-    eps = load_scalar(e_ptr, e_val, E_T)
-    gp = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DPL, ALIGN) + offs, mask=m).to(tl.float32)
-    gm = tl.load(operand_ptr(ptrs, n_tensors, 2, t, DMI, ALIGN) + offs, mask=m).to(tl.float32)
-    v = (gp - gm) / (2.0 * eps)
-    if ACC:
-        v = tl.load(op + offs, mask=m).to(tl.float32) + v
-    tl.store(op + offs, v.to(DO), mask=m)
+    pid = tl.program_id(0) + blk0
+    t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
+    gb = tl.load(blk_global + pid)
+    p = tl.load(operand_ptr(ptrs, n_tensors, 0, t, DP, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DA, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    fs = tl.load(operand_ptr(ptrs, n_tensors, 2, t, DF, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    ft = tl.load(operand_ptr(ptrs, n_tensors, 3, t, DT, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    d = p - a
+    tl.store(part + gb * 2, _dsum(d * (ft - a * fs)))
+    tl.store(part + gb * 2 + 1, _dsum(d * d * fs))
 
 
-@register("fd_hvp_", "triton")
+@register("merge_stats", "triton")
 @on_device
-def fd_hvp_(
-    out: list[Tensor], grads_plus: list[Tensor], grads_minus: list[Tensor], eps: float | Tensor, *, accumulate: bool
-) -> None:
-    """``out (+)= (g_plus - g_minus) / (2 eps)``; see :func:`fastclu.ops.fd_hvp_`."""
-    if not out:
-        return
-    gs, _ = groups([out, grads_plus, grads_minus])
+def merge_stats(
+    params: list[Tensor], anchor: list[Tensor], fisher_sum: list[Tensor], fisher_theta_sum: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """(num, den) fp32 0-d tensors; see :func:`fastclu.ops.merge_stats`."""
+    dev = params[0].device if params else torch.device("cpu")
+    if not params:
+        z = torch.zeros(2, dtype=torch.float32, device=dev)
+        return z[0], z[1]
+    gs, total = groups([params, anchor, fisher_sum, fisher_theta_sum])
+    part = mt.alloc((max(total, 1), 2), torch.float64, dev)
     for g in gs:
         if g.n_blocks == 0:
             continue
-        ep, ev, et = scalar_arg(eps, out[0].device, g.numel)
         d = [tl_dtype(x) for x in g.dtypes]
-        launch(_fd_hvp_kernel, g, 
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, ep, ev,
-            E_T=et, ACC=bool(accumulate), DO=d[0], DPL=d[1], DMI=d[2], BLOCK=BLOCK,
+        launch(_merge_stats_kernel, g, 
+            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, part,
+            DP=d[0], DA=d[1], DF=d[2], DT=d[3], BLOCK=BLOCK,
         )  # fmt: skip
+    out = sum_partials(part, total, 2)
+    return out[0], out[1]

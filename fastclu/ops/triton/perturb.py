@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
     TL_BITS,
@@ -28,7 +29,6 @@ from fastclu.ops.triton._multitensor import (
     scalar_arg,
     tl_dtype,
 )
-from fastclu.ops.triton.reductions import row_norms as _row_norms
 
 
 @helper
@@ -118,6 +118,43 @@ def philox_normal_stream(
 
 
 @triton.jit
+def _row_norm_kernel(ptrs, numel, rowlen, blk_tensor, blk_start, n_tensors, DP: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row, columns in a fixed-order loop: deterministic, no second stage.
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor + pid)
+    start = tl.load(blk_start + pid)
+    ln = tl.load(rowlen + t)
+    p = operand_ptr(ptrs, n_tensors, 0, t, DP)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for c in range(0, ln, BLOCK):
+        cols = c + tl.arange(0, BLOCK).to(tl.int64)
+        x = tl.load(p + start + cols, mask=cols < ln, other=0.0).to(tl.float64)
+        acc += x * x
+    out = operand_ptr(ptrs, n_tensors, 1, t, tl.float32)
+    # fp64 sum of squares rounded once, as the reference's fp64 norm
+    tl.store(out + start // ln, tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32))
+
+
+def clean_row_norms(params: list[Tensor]) -> list[Tensor]:
+    """fp32 L2 norm of each row (dim 0; ndim <= 1 is one row) of each tensor: ``[rows]`` each."""
+    outs = [mt.alloc(p.shape[0] if p.dim() >= 2 else 1, torch.float32, p.device) for p in params]
+    for o, p in zip(outs, params):
+        if p.numel() == 0:
+            o.zero_()  # rows of length 0 (or a lone empty row) have norm 0
+    if not params:
+        return outs
+    gs, _ = groups([params, outs], chunk=2**62, rows=True)
+    for g in gs:
+        if g.n_blocks == 0:
+            continue
+        _row_norm_kernel[(g.n_blocks,)](
+            g.ptrs, g.numel, g.rowlen, g.blk_tensor, g.blk_start, g.n_tensors,
+            DP=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
+        )  # fmt: skip
+    return outs
+
+
+@triton.jit
 def _perturb_kernel(
     ptrs, numel, index, rowlen, blk_tensor, blk_start, n_tensors, s_ptr, s_val, seed_lo, seed_hi,
     blk0, S_T: tl.constexpr, MODE: tl.constexpr, BACKUP: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
@@ -159,7 +196,7 @@ def perturb_(
     norms = None
     if seed is not None:
         if row_norms is None:
-            norms = _row_norms(params)
+            norms = clean_row_norms(params)
         else:
             norms = [
                 r.to(device=p.device, dtype=torch.float32).reshape(-1).contiguous() for r, p in zip(row_norms, params)

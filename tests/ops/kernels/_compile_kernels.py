@@ -19,7 +19,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastclu.ops.triton import combine, fastslow, masks, merge, perturb, reductions
+from fastclu.ops.triton import _reduce, combine, fisher, gram, hvp, lerp, masks, merge, perturb
+from fastclu.ops.triton.rules import update_of
 
 TARGET = GPUTarget("cuda", 90, 32)
 I64P = {"ptrs", "numel", "blk_tensor", "blk_start", "blk_global", "index", "rowlen", "state", "hist", "ties",
@@ -53,35 +54,35 @@ def cases(full: bool) -> list[tuple[object, dict]]:
     for even in (True, False) if full else (True,):
         c = {"BLOCK": 1024, "EVEN": even, "ALIGN": 16}
         out += [
-            (fastslow._lerp_sync_kernel, dict(BETA_T=False, DS=f32, DF=f16, **c)),
-            (masks._fisher_kernel, dict(S_T=True, POWER=2, DF=f32, DG=bf16, **c)),
-            (masks._ratio_kernel, dict(G_T=False, DF=f32, DR=f32, CT=f32, **c)),
-            (masks._ratio_kernel, dict(G_T=True, DF=f64, DR=f32, CT=f64, **c)),
-            (masks._topk_hist_kernel, dict(SHIFT=16, WIDE=False, D=f16, **c)),
-            (masks._topk_hist_kernel, dict(SHIFT=56, WIDE=True, D=f64, **c)),
-            (masks._topk_ties_kernel, dict(WIDE=False, D=f32, **c)),
-            (masks._topk_write_kernel, dict(WIDE=True, D=f32, **c)),
+            (lerp._lerp_sync_kernel, dict(BETA_T=False, DS=f32, DF=f16, **c)),
+            (fisher._fisher_kernel, dict(S_T=True, POWER=2, DF=f32, DG=bf16, **c)),
+            (masks._ratio_kernel, dict(G_T=False, DF=f32, DR=f32, **c)),
+            (masks._ratio_kernel, dict(G_T=True, DF=bf16, DR=f32, **c)),
+            (masks._topk_hist_kernel, dict(SHIFT=16, D=f16, **c)),
+            (masks._topk_hist_kernel, dict(SHIFT=24, D=bf16, **c)),
+            (masks._topk_ties_kernel, dict(D=f32, **c)),
+            (masks._topk_write_kernel, dict(D=f32, **c)),
             (merge._merge_kernel, dict(A_T=True, DP=f32, DA=f32, **c)),
-            (merge._fd_hvp_kernel, dict(E_T=False, ACC=True, DO=f32, DPL=f16, DMI=f16, **c)),
+            (hvp._fd_hvp_kernel, dict(E_T=False, ACC=True, DO=f32, DPL=f16, DMI=f16, **c)),
             (perturb._perturb_kernel, dict(S_T=True, MODE=2, BACKUP=True, DP=bf16, DS=f32, **c)),
             (perturb._perturb_kernel, dict(S_T=False, MODE=0, BACKUP=False, DP=f32, DS=f32, **c)),
             (perturb._copy_kernel, dict(DB=tl.int16, **c)),
-            (reductions._gram_kernel, dict(R=4, M0=True, M1=False, M2=True, M3=False, HAS_MASK=True, D0=f32, D1=f16,
+            (gram._gram_kernel, dict(R=4, M0=True, M1=False, M2=True, M3=False, HAS_MASK=True, D0=f32, D1=f16,
                                            D2=bf16, D3=f32, **c)),
-            (reductions._merge_stats_kernel, dict(DP=f32, DA=f32, DF=f32, DT=f32, **c)),
+            (merge._merge_stats_kernel, dict(DP=f32, DA=f32, DF=f32, DT=f32, **c)),
         ]  # fmt: skip
         for adamw in (False, True):
             out.append((combine._combine_kernel, dict(
                 LR_T=True, C0_T=True, C1_T=False, C2_T=False, C3_T=False, SC_T=True, PEN_T=False, R=2, GATE0=True,
                 GATE1=False, GATE2=False, GATE3=False, HAS_MASK=True, UPDATE=True, HAS_PEN=True, HAS_GS=True,
-                HAS_FI=True, RESTORE=True, ADAMW=adamw, MAXIMIZE=True, HAS_WD=True, HAS_MOM=True, NESTEROV=True,
+                HAS_FI=True, RESTORE=True, RULE=update_of("adamw" if adamw else "sgd"), MAXIMIZE=True, HAS_WD=True, HAS_MOM=True, NESTEROV=True,
                 INIT_MOM=False, AMSGRAD=True, DP=f16, D0=f32, D1=f16, D2=f32, D3=f32, DB0=f32, DB1=f32, DB2=f32,
                 DI=f32, DA=f16, DR=f16, DST=f32, **c)))  # fmt: skip
     out += [
         (combine._step_kernel, {"HAS_FI": True, "LR_T": False, "DST": f32, "TB": 256}),
-        (masks._topk_select_kernel, {"SHIFT": 56}),
-        (reductions._sum_partials_kernel, {"BLOCK": 1024}),
-        (reductions._row_norm_kernel, {"DP": f16, "BLOCK": 1024}),
+        (masks._topk_select_kernel, {"SHIFT": 24}),
+        (_reduce._sum_partials_kernel, {"BLOCK": 1024}),
+        (perturb._row_norm_kernel, {"DP": f16, "BLOCK": 1024}),
         # int arguments equal to 1 arrive as constexprs on the GPU
         (perturb._words_kernel, {"BLOCK": 1024, "tensor_index": 1, "seed_lo": 1}),
         (perturb._words_kernel, {"BLOCK": 1024, "_int_types": {"start": "u32", "seed_lo": "u32", "seed_hi": "u32"}}),
@@ -91,9 +92,14 @@ def cases(full: bool) -> list[tuple[object, dict]]:
     return out
 
 
+def _shown(v: object) -> object:
+    fn = getattr(v, "fn", None)  # a Triton function passed as a constexpr (an update rule)
+    return f"{fn.__module__}.{fn.__name__}" if fn is not None else v
+
+
 def main() -> None:
     for fn, consts in cases(len(sys.argv) > 1 and sys.argv[1] == "all"):
-        variant = {k: (str(v) if isinstance(v, tl.dtype) else v) for k, v in consts.items()}
+        variant = {k: (str(v) if isinstance(v, tl.dtype) else _shown(v)) for k, v in consts.items()}
         int_types = consts.get("_int_types", {})
         consts = {k: v for k, v in consts.items() if k != "_int_types"}
         rec = {"kernel": fn.__name__, "variant": variant, "ok": False, "error": None, "vector_accesses": 0}

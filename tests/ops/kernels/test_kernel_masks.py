@@ -81,9 +81,14 @@ def test_topk_mask_matches_reference(backend: str, dtype: torch.dtype, ties: boo
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ties", [False, True])
-def test_topk_mask_fp64_keys(backend: str, ties: bool, poison_alloc) -> None:  # noqa: F811
-    """fp64 scores (mixed with fp32 ones) need 64-bit keys: values differing past fp32 precision."""
+def test_topk_mask_fp64_keys_run_on_the_reference(backend: str, ties: bool, poison_alloc, kernel_calls) -> None:  # noqa: F811
+    """fp64 scores (mixed with fp32 ones) need 64-bit keys: values differing past fp32 precision.
+
+    The kernels have 32-bit keys only: a call with fp64 scores is routed to the reference
+    whatever backend is asked for, and this checks both the routing and the fp64 order.
+    """
     need(backend)
+    kernel_calls.expect_reference()
     scores = _scores([4097, 7], torch.float64, ties) + _scores([33], torch.float32, ties)
     base = scores[0][:200].clone()
     scores[0][200:400] = base + 1e-12 * torch.rand(200, device=DEVICE, dtype=torch.float64)  # equal in fp32
@@ -94,6 +99,7 @@ def test_topk_mask_fp64_keys(backend: str, ties: bool, poison_alloc) -> None:  #
     x = 1.0 + 1e-12 * torch.randperm(100, device=DEVICE).double()
     bits = unpack_bits(topk_mask([x], 50, backend=backend)[0], 100)
     assert torch.equal(bits, x >= x.median() + 0.5e-12)
+    assert kernel_calls.total == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -120,10 +126,12 @@ def test_topk_mask_extremes(backend: str, poison_alloc) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ratio_mask_fp64_compares_in_fp64(backend: str, poison_alloc) -> None:  # noqa: F811
+def test_ratio_mask_fp64_compares_in_fp64(backend: str, poison_alloc, kernel_calls) -> None:  # noqa: F811
     """fp64 Fishers are compared in fp64, as the reference does: values that differ only past fp32
-    precision, and a host gamma / eps that fp32 would round, still decide the mask."""
+    precision, and a host gamma / eps that fp32 would round, still decide the mask. The call is
+    routed to the reference (the kernels compare in fp32), which this checks too."""
     need(backend)
+    kernel_calls.expect_reference()
     n = 4097
     fr = 1.0 + torch.rand(n, device=DEVICE, dtype=torch.float64)
     ff = fr + 1e-13 * torch.randn(n, device=DEVICE, dtype=torch.float64)  # equal once rounded to fp32
@@ -135,3 +143,4 @@ def test_ratio_mask_fp64_compares_in_fp64(backend: str, poison_alloc) -> None:  
     keep = (ff + 1e-12) >= gamma * (fr + 1e-12)
     assert 0 < int(keep.sum()) < n
     assert torch.equal(unpack_bits(got[0], n), keep)
+    assert kernel_calls.total == 0

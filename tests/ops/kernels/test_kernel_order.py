@@ -18,7 +18,9 @@ import fastclu.ops as O
 
 pytestmark = TRITON
 
-MODULES = ("combine", "fastslow", "masks", "merge", "perturb", "reductions")
+from fastclu._registry import FAMILIES
+
+MODULES = FAMILIES
 
 
 @pytest.fixture

@@ -1,3 +1,5 @@
+// Saliency masks, bit-packed: ratio_mask (one thread writes one mask byte) and topk_mask.
+//
 // topk_mask: exact global top-k by histogram radix select over ordered 32-bit keys.
 // Four histogram passes (8 bits each, most significant first) find the k-th largest key T and
 // how many r of the keys equal to T belong to the top k; a final pass writes the packed mask,
@@ -10,6 +12,27 @@
 namespace fastclu {
 
 namespace {
+
+struct RatioMaskOp {
+  using Ctx = NoCtx;
+  Scal gamma;
+  float eps;
+  __device__ Ctx prepare(const Chunk&) const { return {}; }
+  __device__ void operator()(const Chunk& ch, Ctx, int64_t j, int cnt, bool vec) const {
+    float a[8], b[8];
+    load8(ch.ptr(0), ch.dtype(0), j, cnt, vec, a);
+    load8(ch.ptr(1), ch.dtype(1), j, cnt, vec, b);
+    const float gm = gamma.get();
+    unsigned byte = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const bool keep = k < cnt && __fadd_rn(a[k], eps) >= __fmul_rn(gm, __fadd_rn(b[k], eps));  // padding bits 0
+      byte |= static_cast<unsigned>(keep) << k;
+    }
+    static_cast<uint8_t*>(ch.ptr(2))[j >> 3] = static_cast<uint8_t>(byte);
+  }
+};
+
 
 // Device state (int64 words): [0] prefix of T found so far, [1] mask of the bits found,
 // [2] k still to place among keys matching the prefix, [3] 1 if a NaN was seen, [4..260) histogram.
@@ -227,6 +250,13 @@ void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t
   check_launch(op);
   FASTCLU_LAUNCH(write_kernel, grid, kThreads, 0, s)(t, st, eqc);
   check_launch(op);
+}
+
+void ratio_mask(uint64_t table, int n_rows, int64_t n_chunks, double gamma, uint64_t gamma_ptr, double eps,
+                uint64_t stream) {
+  const char* op = "ratio_mask";
+  launch_mt(op, make_table(op, table, n_rows, 3, n_chunks),
+            RatioMaskOp{as_scal(gamma, gamma_ptr), static_cast<float>(eps)}, stream);
 }
 
 }  // namespace fastclu
