@@ -45,6 +45,10 @@ def _unavailable_reason(backend: str) -> str | None:
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
         return None
+    if backend == "cuda" and os.environ.get("FASTCLU_CUDA_ON_CPU", "").strip() == "1":
+        from fastclu.ops import _cuda_cpu_mode  # test mode: csrc kernels on CPU tensors (csrc/cpu/)
+
+        return _cuda_cpu_mode.enable_for_process()
     if backend == "cuda":
         try:
             importlib.import_module("fastclu._C")

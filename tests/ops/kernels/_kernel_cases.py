@@ -3,20 +3,26 @@
 Every kernel test runs an op on a kernel backend and on ``backend="reference"`` with identical
 fresh random inputs (the suite seeds torch randomly per test) and compares.
 Triton cases run on the GPU when there is one, else on the CPU under ``TRITON_INTERPRET=1``
-(marker ``interpreter``); CUDA-extension cases need a GPU (marker ``gpu``).
+(marker ``interpreter``); CUDA-extension cases run on the GPU (marker ``gpu``), else the same
+kernels compiled for the CPU run on CPU tensors (marker ``cuda_cpu``, see csrc/cpu/).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import Tensor
 
 HAS_GPU = torch.cuda.is_available()
+# Without a GPU the cuda cases run the csrc kernels on the CPU (fastclu._C_cpu, built on demand
+# by this directory's conftest; FASTCLU_CUDA_ON_CPU=0 turns that off).
+CUDA_ON_CPU = not HAS_GPU and os.environ.get("FASTCLU_CUDA_ON_CPU", "1").strip() != "0"
 
 BACKENDS = [
     pytest.param("triton", marks=pytest.mark.gpu if HAS_GPU else pytest.mark.interpreter, id="triton"),
-    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+    pytest.param("cuda", marks=pytest.mark.cuda_cpu if CUDA_ON_CPU else pytest.mark.gpu, id="cuda"),
 ]
 # marker for Triton-only tests (internals of that backend)
 TRITON = pytest.mark.gpu if HAS_GPU else pytest.mark.interpreter
