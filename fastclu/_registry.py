@@ -4,7 +4,8 @@ Each backend lives in ``fastclu.ops.<name>`` and registers its implementations w
 :func:`register`. Backend modules are imported lazily, on the first call that needs them,
 so ``import fastclu`` never imports triton (``TRITON_INTERPRET`` must be set before that).
 Selection: ``backend=`` argument > ``FASTCLU_BACKEND`` environment variable > automatic
-(CUDA tensors: ``cuda`` if the extension is built, else ``triton``; anything else: ``reference``).
+(CUDA tensors: the available kernel backend with the strongest verification record,
+``fastclu._verification``; anything else: ``reference``).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def backends() -> dict[str, str | None]:
 
 def _auto(op: str, device_type: str) -> str:
     if device_type == "cuda":
-        for b in ("cuda", "triton"):
+        from fastclu._verification import auto_order  # GPU-verified first, then the stronger CPU evidence
+
+        for b in auto_order(("cuda", "triton")):
             if _load(b) is None and b in _impls.get(op, {}):
                 return b
     return "reference"

@@ -122,14 +122,29 @@ def build_table(
     return Table(torch.tensor(rows, dtype=torch.int64), n_rows, n_chunks)
 
 
+# Every tensor is on the CPU here, so the wrapper cannot tell a GPU run's "device" step counters
+# from its "host" ones: device counters by default (step mode 2, read by the kernel), host
+# counters (modes 0 and 1) when a test sets this.
+HOST_STEP_COUNTERS = False
+
+
 def step_source(
     steps: list[Tensor], found_inf: Tensor | None, dev: torch.device
 ) -> tuple[int, float, Tensor | None, bool]:
-    """CPU step counters are the kernel device's counters here: incremented by tensor ops (by 0
-    when ``found_inf`` is set) and read by the kernel through their addresses (step mode 2)."""
+    """The combine wrapper's step-counter logic with CPU tensors standing for device tensors."""
     for i, s in enumerate(steps):
         if s.device.type != "cpu" or s.dtype != torch.float32:
             raise TypeError(f"state['step'][{i}] must be an fp32 CPU tensor in CPU mode, got {s.dtype} on {s.device}")
+    if HOST_STEP_COUNTERS:
+        if found_inf is not None and float(found_inf.reshape(())) != 0.0:
+            return 0, 1.0, None, True
+        values = []
+        for s in steps:
+            s += 1
+            values.append(float(s.reshape(())))
+        if len(set(values)) <= 1:
+            return 0, values[0] if values else 1.0, None, False
+        return 1, 1.0, torch.tensor(values, dtype=torch.float32), False
     if found_inf is None:
         torch._foreach_add_(steps, 1.0)
     else:
