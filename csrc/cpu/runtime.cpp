@@ -1,8 +1,15 @@
 // Execution model of the FASTCLU_CPU build: every thread of a block is a fiber (ucontext) on
 // one OS thread. A fiber runs until it reaches a barrier (__syncthreads, a warp collective) or
-// returns; the scheduler then resumes a ready fiber chosen at random. Blocks run one after
-// another in a random order. Both orders come from one generator seeded by FASTCLU_CPU_SEED
-// (random when unset), so a failure can be replayed.
+// returns; the scheduler then resumes a ready fiber. Each block draws one of two policies:
+//  - uniform: the next fiber is any ready one, uniformly at random;
+//  - priority: every fiber gets a random priority (drawn again whenever a __syncthreads opens)
+//    and the highest-priority ready fiber runs, so the lowest ones lag as far behind as the
+//    barriers allow. Half the time the priorities come in warp bands (each warp is early or
+//    late as a whole, lanes random within), so whole warps lag behind the rest of the block.
+//    This is what exposes a missing barrier that only threads left behind by a whole phase of
+//    the block can trip over (e.g. shared memory reused by the next round of a loop).
+// Blocks run one after another in a random order. Everything comes from one generator seeded by
+// FASTCLU_CPU_SEED (random when unset), so a failure can be replayed.
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -37,6 +44,7 @@ struct Fiber {
   St st = St::Ready;
   unsigned warp_mask = 0;  // mask of the warp collective this fiber waits at
   int vote = 0;
+  uint64_t priority = 0;
 };
 
 struct Block {
@@ -48,7 +56,9 @@ struct Block {
   ucontext_t sched;
   const std::function<void()>* body = nullptr;
   std::string fault;
+  int policy = 0;  // 0 uniform, 1 priority per thread, 2 priority in warp bands
 };
+
 
 Block g_blk;
 Fiber* g_cur = nullptr;
@@ -68,6 +78,15 @@ void seed_once() {
 }
 
 uint64_t rnd(uint64_t n) { return std::uniform_int_distribution<uint64_t>(0, n - 1)(g_rng); }
+
+void draw_priorities() {
+  std::vector<uint64_t> band((g_blk.fibers.size() + 31) / 32);
+  for (uint64_t& b : band) b = g_rng() & 1u;  // early or late warp
+  for (Fiber& f : g_blk.fibers) {
+    const uint64_t lane_noise = g_rng() >> 1;
+    f.priority = g_blk.policy == 2 ? (band[f.linear / 32] << 63) | lane_noise : lane_noise;
+  }
+}
 
 void set_error(cudaError_t e, const std::string& msg) {
   if (g_last == cudaSuccess) {
@@ -100,6 +119,7 @@ void release_block_if_complete() {
   g_blk.n_at_block = 0;
   for (Fiber& f : g_blk.fibers)
     if (f.st == St::AtBlock) make_ready(f);
+  draw_priorities();
 }
 
 // Lanes of warp w waiting at a collective whose mask lanes have all arrived are released.
@@ -176,12 +196,21 @@ void run_block(dim3 block, const std::function<void()>& body) {
     makecontext(&f.ctx, fiber_main, 0);
     g_blk.ready.push_back(i);
   }
+  const uint64_t pick = rnd(4);
+  g_blk.policy = pick == 0 ? 0 : (pick == 1 ? 1 : 2);
+  draw_priorities();
   while (g_blk.fault.empty()) {
     if (g_blk.ready.empty()) {
       if (g_blk.n_alive > 0) fault(describe_deadlock());
       break;
     }
-    const size_t k = rnd(g_blk.ready.size());
+    size_t k = 0;
+    if (g_blk.policy != 0) {
+      for (size_t r = 1; r < g_blk.ready.size(); ++r)
+        if (g_blk.fibers[g_blk.ready[r]].priority > g_blk.fibers[g_blk.ready[k]].priority) k = r;
+    } else {
+      k = rnd(g_blk.ready.size());
+    }
     const int i = g_blk.ready[k];
     g_blk.ready[k] = g_blk.ready.back();
     g_blk.ready.pop_back();

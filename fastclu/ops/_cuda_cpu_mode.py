@@ -163,6 +163,10 @@ def _swaps(cpu: ModuleType) -> list[tuple[object, str, object]]:
 
     helpers = {"require_cuda": require_cpu, "stream_of": no_stream, "on_device": host_device,
                "scalar": scalar, "build_table": build_table}  # fmt: skip
+    missing = [f"_launch.{n}" for n in helpers if not hasattr(_launch, n)]
+    missing += [] if hasattr(combine, "_step_source") else ["combine._step_source"]
+    if missing:  # the wrappers changed: a silent partial switch would run device code paths
+        raise RuntimeError(f"CPU mode: fastclu.ops.cuda has no {missing}; update fastclu/ops/_cuda_cpu_mode.py")
     originals = {name: getattr(_launch, name) for name in helpers}
     swaps: list[tuple[object, str, object]] = []
     for name, mod in list(sys.modules.items()):

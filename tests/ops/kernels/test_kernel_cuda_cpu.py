@@ -119,3 +119,15 @@ def test_switch_runs_the_backend_on_cpu_tensors() -> None:
         [sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_topk_ties_at_many_boundaries(backend: str) -> None:
+    """Five score levels, so the k-th key is tied with thousands of others, at many k: each call
+    puts the boundary between taken and untaken ties in another round of the in-chunk scan."""
+    from fastclu.ops import topk_mask
+
+    sizes = [4097, 2 * 8192 + 5, 7]
+    scores = [torch.randint(-2, 3, (n,)).float() * 0.5 for n in sizes]
+    for k in torch.randint(1, sum(sizes), (12,)).tolist():
+        assert_equal(topk_mask(scores, k, backend=backend), topk_mask(scores, k, backend="reference"))
