@@ -5,8 +5,8 @@ Each backend lives in ``fastclu.ops.<name>`` and registers its implementations w
 so ``import fastclu`` never imports triton (``TRITON_INTERPRET`` must be set before that).
 Selection: ``backend=`` argument > the innermost :func:`use_backend` scope (a context variable:
 per thread / task, never the process environment) > ``FASTCLU_BACKEND`` environment variable >
-automatic (CUDA tensors: ``cuda`` if the extension is built, else ``triton``; anything else:
-``reference``).
+automatic (CUDA tensors: the available kernel backend with the strongest verification record,
+``fastclu._verification``; anything else: ``reference``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ def _unavailable_reason(backend: str) -> str | None:
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
         return None
+    if backend == "cuda" and os.environ.get("FASTCLU_CUDA_ON_CPU", "").strip() == "1":
+        from fastclu.ops import _cuda_cpu_mode  # test mode: csrc kernels on CPU tensors (csrc/cpu/)
+
+        return _cuda_cpu_mode.enable_for_process()
     if backend == "cuda":
         try:
             importlib.import_module("fastclu._C")
@@ -100,7 +104,9 @@ def backends() -> dict[str, str | None]:
 
 def _auto(op: str, device_type: str) -> str:
     if device_type == "cuda":
-        for b in ("cuda", "triton"):
+        from fastclu._verification import auto_order  # GPU-verified first, then the stronger CPU evidence
+
+        for b in auto_order(("cuda", "triton")):
             if _load(b) is None and b in _impls.get(op, {}):
                 return b
     return "reference"

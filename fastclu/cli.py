@@ -17,12 +17,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fastclu._verification import summary as verification_summary
+
 # Subcommands implemented elsewhere: name -> (module, help text).
 _DELEGATED = {
     "demo": ("fastclu.demo", "run the unlearning / continual-learning demo on bundled data"),
     "bench": ("fastclu.bench", "benchmark the fused ops against their PyTorch formulations"),
 }
-_ENV_VARS = ("FASTCLU_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+_ENV_VARS = ("FASTCLU_BACKEND", "TRITON_INTERPRET", "FASTCLU_CUDA_ON_CPU", "CUDA_VISIBLE_DEVICES")
 # The optional extras of pyproject.toml and the modules each brings (import names).
 _EXTRAS = {"triton": ("triton",), "demo": ("sklearn", "matplotlib"), "hf": ("transformers", "peft", "accelerate")}
 
@@ -73,7 +75,8 @@ def collect_info() -> dict[str, Any]:
     was built with, or None), ``cuda_available``, ``triton``, ``numpy``, ``extension``
     (``{"built": bool, "path"|"reason": str}``), ``extras`` (extra name -> its modules that are
     not installed), ``devices`` (list of dicts), ``backends``
-    (name -> None if usable, else the reason), ``env`` (the relevant environment variables).
+    (name -> None if usable, else the reason), ``verification`` (kernel backend -> ``{"gpu", "cpu"}``:
+    how it was verified on a GPU, None if never, and what checks it without one), ``env`` (the relevant environment variables).
     """
     import torch
 
@@ -93,6 +96,7 @@ def collect_info() -> dict[str, Any]:
         "extras": _extras(),
         "devices": _devices(),
         "backends": fastclu.backends(),
+        "verification": verification_summary(),
         "env": {k: os.environ[k] for k in _ENV_VARS if k in os.environ},
     }
 
@@ -126,6 +130,9 @@ def format_info(info: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"  {d['name']:8s} {d['threads']} threads")
+    lines.append("verified on a GPU (automatic choice on CUDA tensors prefers verified, then stronger evidence):")
+    for name, v in info.get("verification", {}).items():
+        lines.append(f"  {name:9s} {v['gpu'] or 'not yet'}; without a GPU: {v['cpu']}")
     lines.append("backends:")
     for name, reason in info["backends"].items():
         lines.append(f"  {name:9s} {'available' if reason is None else 'unavailable: ' + reason}")

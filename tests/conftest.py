@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 MARKERS = {
     "gpu": "needs a CUDA device",
     "interpreter": "runs Triton kernels under TRITON_INTERPRET=1 on the CPU",
+    "cuda_cpu": "runs the csrc CUDA kernels on the CPU (fastclu._C_cpu, FASTCLU_CUDA_ON_CPU)",
     "slow": "long-running; excluded from the default run",
     "distributed": "needs several processes / devices",
 }

@@ -3,20 +3,29 @@
 Every kernel test runs an op on a kernel backend and on ``backend="reference"`` with identical
 fresh random inputs (the suite seeds torch randomly per test) and compares.
 Triton cases run on the GPU when there is one, else on the CPU under ``TRITON_INTERPRET=1``
-(marker ``interpreter``); CUDA-extension cases need a GPU (marker ``gpu``).
+(marker ``interpreter``); CUDA-extension cases run on the GPU (marker ``gpu``), else the same
+kernels compiled for the CPU run on CPU tensors (marker ``cuda_cpu``, see csrc/cpu/).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
 
 HAS_GPU = torch.cuda.is_available()
+# Without a GPU the cuda cases run the csrc kernels on the CPU (fastclu._C_cpu, built on demand
+# by this directory's conftest; FASTCLU_CUDA_ON_CPU=0 turns that off).
+CUDA_ON_CPU = not HAS_GPU and os.environ.get("FASTCLU_CUDA_ON_CPU", "1").strip() != "0"
 
 BACKENDS = [
     pytest.param("triton", marks=pytest.mark.gpu if HAS_GPU else pytest.mark.interpreter, id="triton"),
-    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+    pytest.param("cuda", marks=pytest.mark.cuda_cpu if CUDA_ON_CPU else pytest.mark.gpu, id="cuda"),
 ]
 # marker for Triton-only tests (internals of that backend)
 TRITON = pytest.mark.gpu if HAS_GPU else pytest.mark.interpreter
@@ -36,6 +45,31 @@ TOL = {
 # under the interpreter and is used by a few cases only
 SIZES = [1, 7, 4097, 0]
 BIG = 100003
+
+
+_ROOT = Path(__file__).resolve().parents[3]
+_built: list[str] = []  # "" once built, else the reason it could not be
+
+
+def build_cpu_module() -> None:
+    """Build fastclu._C_cpu once per session (incremental; skips, saying why, without g++)."""
+    if _built:
+        if _built[0]:
+            pytest.skip(_built[0])
+        return
+    script = _ROOT / "csrc" / "cpu" / "build.py"
+    if not script.is_file():
+        _built.append(f"no {script} (the CPU mode builds fastclu._C_cpu from a source checkout)")
+    elif shutil.which(os.environ.get("CXX", "g++")) is None or importlib.util.find_spec("pybind11") is None:
+        _built.append("the CPU mode needs g++ and pybind11 to build fastclu._C_cpu")
+    if _built:
+        pytest.skip(_built[0])
+    spec = importlib.util.spec_from_file_location("fastclu_cpu_build", script)
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    build.build()  # a compile error fails the test that asked for the module
+    _built.append("")
 
 
 def need(backend: str) -> None:

@@ -23,7 +23,8 @@ def test_lerp_sync_matches_reference(backend: str, fast_dtype: torch.dtype, slow
     worst = max((slow_dtype, fast_dtype), key=lambda d: torch.finfo(d).eps)
     assert_close(f_got, f_want, worst)
     for s, f in zip(s_got, f_got):
-        if HAS_GPU or torch.finfo(fast_dtype).eps <= torch.finfo(slow_dtype).eps:
+        # exact on a GPU and in the cuda backend's CPU mode (its casts round to nearest even)
+        if HAS_GPU or backend == "cuda" or torch.finfo(fast_dtype).eps <= torch.finfo(slow_dtype).eps:
             assert torch.equal(f, s.to(fast_dtype)), "fast must equal the stored slow weights"
         else:  # the interpreter narrows by truncation: allow one ulp of fast's dtype
             assert_close(f, s.to(fast_dtype), fast_dtype)
