@@ -39,6 +39,7 @@ from torch import nn
 from fastclu import data as D
 from fastclu import metrics as M
 from fastclu.lora import add_lora
+from fastclu.losses import masked_classification_loss
 from fastclu.methods.baselines import naive_sequential
 from fastclu.methods.common import cycle, make_mlp, task_loss, train
 from fastclu.methods.ewc import ewc
@@ -97,7 +98,7 @@ def run_lora_adaptation(seed: int, s: Settings) -> dict:
     old, new = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
     backbone = make_mlp(seed=seed)
     train(backbone, D.loader(_split(train_set, old), s.batch_size, seed=seed), s.pretrain_steps,
-          loss_fn=task_loss(old))  # fmt: skip
+          loss_fn=masked_classification_loss(old))  # fmt: skip
     shots = _shots(_split(train_set, new), s.lora_shots, seed)
     test_new = _split(test_set, new)
     rows = {}
@@ -205,7 +206,7 @@ def _cl_rows(tasks: list[D.Task], s: Settings, seed: int, methods: dict[str, Cal
 def _classp_sequence(model: nn.Module, lds: list, classes: list, cb: Callable, s: Settings, **kw: float) -> dict:
     for i, ld in enumerate(lds):
         opt = CLASSP([p for p in model.parameters() if p.requires_grad], **kw)
-        train(model, ld, s.task_steps, loss_fn=task_loss(classes[i]), optimizer=opt, schedule=False)
+        train(model, ld, s.task_steps, loss_fn=masked_classification_loss(classes[i]), optimizer=opt, schedule=False)
         cb(i, model)
     moved = sum(int((st["acc"] > 0).sum()) for st in opt.state.values())
     return {"weights_with_updates_last_task": moved, "weights": sum(p.numel() for p in model.parameters())}

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastclu.methods.common import MethodResult, Timer, cycle, task_loss, train, use_backend
+from fastclu.losses import masked_classification_loss
+from fastclu.methods.common import MethodResult, Timer, cycle, train, use_backend
 
 __all__ = ["ewc"]
 
@@ -92,7 +93,7 @@ def ewc(
     wall, n = 0.0, 0
     with use_backend(backend):
         for t, ld in enumerate(task_loaders):
-            loss_fn = task_loss(None if task_classes is None else task_classes[t])
+            loss_fn = masked_classification_loss(None if task_classes is None else task_classes[t])
             with Timer(params[0].device) as tm:
                 opt = SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
                 if omega is not None and lam > 0:

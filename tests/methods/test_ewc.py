@@ -70,7 +70,7 @@ def test_lam_zero_is_naive_bit_for_bit_and_lam_keeps_task0() -> None:
     naive_sequential(m_t0, _tasks(1)[:1], steps_per_task=20)
     assert all(torch.equal(a, b) for a, b in zip(m_t0.parameters(), snaps[0]))
     f0 = fisher(m_t0.eval(), [(x[None], y[None]) for x, y in zip(*_tasks(1)[0].dataset.tensors)][:16],
-                torch.nn.functional.cross_entropy)  # fmt: skip
+                torch.nn.CrossEntropyLoss())  # fmt: skip
 
     def drift(m: torch.nn.Module) -> float:
         return float(sum((f * (p.detach() - q) ** 2).sum() for f, p, q in zip(f0, m.parameters(), snaps[0])))
