@@ -65,10 +65,11 @@ def _check_state_value(name: str, key: Any, v: object, p: Tensor, own: set[str])
     elif key == "mask":
         if not isinstance(v, Tensor) or v.dtype != torch.uint8:
             raise TypeError(f"{name} must be a bit-packed uint8 tensor")
-        if v.numel() != ops.packed_numel(p.numel()):
+        n = distributed.local(p).numel()  # a DTensor parameter's mask covers its local shard
+        if v.numel() != ops.packed_numel(n):
             raise ValueError(
-                f"{name} has {v.numel()} bytes but the parameter ({p.numel()} elements) needs "
-                f"{ops.packed_numel(p.numel())}"
+                f"{name} has {v.numel()} bytes but the parameter ({n} elements) needs "
+                f"{ops.packed_numel(n)}"
             )
 
 

@@ -75,13 +75,13 @@ def case_fsdp(rank: int, world: int) -> None:
 
     # Fisher: a batch is one data-parallel step (FSDP averages the ranks' gradients).
     gb = global_batches(3, seed=1)
-    f_ref = saliency.fisher(ref, gb, F.cross_entropy)
-    f_sh = saliency.fisher(model, shard_batches(gb, rank, world), F.cross_entropy)
+    f_ref = saliency.fisher(ref, gb, nn.CrossEntropyLoss())
+    f_sh = saliency.fisher(model, shard_batches(gb, rank, world), nn.CrossEntropyLoss())
     rel = max(float(((full(a) - b).abs() / b.abs().clamp_min(1e-30)).max()) for a, b in zip(f_sh, f_ref))
     check("fisher_equal", all(distributed.is_dtensor(f) for f in f_sh) and rel < 1e-4, f"max rel diff {rel:.2e}")
     gb2 = global_batches(3, seed=2)
-    f2_ref = saliency.fisher(ref, gb2, F.cross_entropy)
-    f2_sh = saliency.fisher(model, shard_batches(gb2, rank, world), F.cross_entropy)
+    f2_ref = saliency.fisher(ref, gb2, nn.CrossEntropyLoss())
+    f2_sh = saliency.fisher(model, shard_batches(gb2, rank, world), nn.CrossEntropyLoss())
     rm_ref = saliency.ratio_mask(f_ref, f2_ref).unpack()
     rm_sh = saliency.ratio_mask(f_sh, f2_sh).unpack()
     same = all(torch.equal(local_slice(r, d), m.reshape(-1)) for r, m, d in zip(rm_ref, rm_sh, f_sh))
@@ -253,13 +253,13 @@ def case_ddp(rank: int, world: int) -> None:
     model = DistributedDataParallel(make_mlp(8, (6,), 3, seed=0))
     forget, remain = rank_batches(rank, 3, 1), rank_batches(rank, 4, 2)
     # The Fisher of a DDP model: every rank's batches count, as in one process over all of them.
-    f_ddp = saliency.fisher(model, forget, F.cross_entropy)
-    f_one = saliency.fisher(ref, [b for r in range(world) for b in rank_batches(r, 3, 1)], F.cross_entropy)
+    f_ddp = saliency.fisher(model, forget, nn.CrossEntropyLoss())
+    f_one = saliency.fisher(ref, [b for r in range(world) for b in rank_batches(r, 3, 1)], nn.CrossEntropyLoss())
     rel = max(float(((a - b).abs() / b.abs().clamp_min(1e-30)).max()) for a, b in zip(f_ddp, f_one))
     check("ddp_fisher_equals_one_process", rel < 1e-5, f"max rel diff {rel:.2e}")
     # A rank-local Fisher used for a global mask is an error (on every rank), not a per-rank mask.
-    f_local = saliency.fisher(model, forget, F.cross_entropy, group=distributed.LOCAL)
-    r_local = saliency.fisher(model, remain, F.cross_entropy, group=distributed.LOCAL)
+    f_local = saliency.fisher(model, forget, nn.CrossEntropyLoss(), group=distributed.LOCAL)
+    r_local = saliency.fisher(model, remain, nn.CrossEntropyLoss(), group=distributed.LOCAL)
     errors = []
     for fn in (lambda: saliency.ratio_mask(f_local, r_local), lambda: saliency.topk_mask(f_local, 0.3)):
         try:
