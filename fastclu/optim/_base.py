@@ -68,8 +68,7 @@ def _check_state_value(name: str, key: Any, v: object, p: Tensor, own: set[str])
         n = distributed.local(p).numel()  # a DTensor parameter's mask covers its local shard
         if v.numel() != ops.packed_numel(n):
             raise ValueError(
-                f"{name} has {v.numel()} bytes but the parameter ({n} elements) needs "
-                f"{ops.packed_numel(n)}"
+                f"{name} has {v.numel()} bytes but the parameter ({n} elements) needs {ops.packed_numel(n)}"
             )
 
 
