@@ -34,6 +34,7 @@ from torch import nn
 from fastclu import data as D
 from fastclu import metrics as M
 from fastclu._cli_checks import check_demo_args
+from fastclu.demo.tables import table as text_table
 from fastclu.methods.baselines import finetune, gradient_ascent, joint, naive_sequential, retrain
 from fastclu.methods.clu import ug_clu
 from fastclu.methods.common import make_mlp, train, use_backend
@@ -320,20 +321,6 @@ def _backend_name(dev: torch.device) -> str:
         return f"unavailable ({e})"
 
 
-def _fmt(v: object) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.1f}" if isinstance(v, float) else str(v)
-
-
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    cells = [header] + [[_fmt(c) for c in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in cells]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(lines)
-
-
 def format_tables(res: dict) -> str:
     """The human-readable tables of a demo result."""
     parts = []
@@ -345,7 +332,7 @@ def format_tables(res: dict) -> str:
         rows = [[n, r["forget_acc"], r["remain_acc"], r["test_acc"], r["mia_svc"], r["mia"], r["avg_gap"],
                  r["avg_gap_loss_mia"], r["wall_s"], f"{r['time_vs_retrain']:.2f}", r["steps"]]
                 for n, r in [*sc["rows"].items(), *sc.get("variants", {}).items()]]  # fmt: skip
-        parts.append(f"{title}  (sizes {sc['sizes']})\n" + _table(hdr, rows) + "\nMIA-SVC: SVC MIA-efficacy "
+        parts.append(f"{title}  (sizes {sc['sizes']})\n" + text_table(hdr, rows) + "\nMIA-SVC: SVC MIA-efficacy "
                      "(confidence feature), the standard; avg gap over forget/remain/test acc and MIA-SVC. "
                      "Variants (alternating SFR-on, paired SalUn) are fastclu's named non-official options.")  # fmt: skip
     seq = res["sequence"]
@@ -355,7 +342,7 @@ def format_tables(res: dict) -> str:
              r["task_il"]["bwt"], r.get("stability_gap"), r["wall_s"], f"{r['time_vs_joint']:.2f}", r["steps"]]
             for n, r in seq["rows"].items()]  # fmt: skip
     parts.append(f"Continual learning: 5 tasks {seq['tasks']} (CIL: predict among all digits, TIL: among the "
-                 "task's)\n" + _table(hdr, rows) + f"\n{PNM_VARIANT}: not the paper's P&M: classifier kept out of "
+                 "task's)\n" + text_table(hdr, rows) + f"\n{PNM_VARIANT}: not the paper's P&M: classifier kept out of "
                  "the merge, each task's Fisher at unit trace (fastclu.methods.pnm)")  # fmt: skip
     clu = res["clu"]
     keys: list[str] = []
@@ -369,7 +356,7 @@ def format_tables(res: dict) -> str:
     times = [f"{req['name']}: {req['wall_s']:.1f} s = {req['wall_s'] / h['retrain_wall_s']:.2f} x retrain"
              for req, h in zip(clu["info"]["requests"], clu["history"]) if "retrain_wall_s" in h]  # fmt: skip
     parts.append(f"CLU stream (UG-CLU vs retrain on what is left; {clu['wall_s']:.1f} s, {clu['steps']} steps)\n"
-                 + _table(["after request", "model", *keys], rows) + "\nunlearn requests: " + "; ".join(times))  # fmt: skip
+                 + text_table(["after request", "model", *keys], rows) + "\nunlearn requests: " + "; ".join(times))  # fmt: skip
     return "\n\n".join(parts)
 
 

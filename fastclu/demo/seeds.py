@@ -38,6 +38,7 @@ from torch import nn
 
 from fastclu import data as D
 from fastclu import metrics as M
+from fastclu.demo.tables import table as text_table
 from fastclu.lora import add_lora
 from fastclu.losses import masked_classification_loss
 from fastclu.methods.baselines import naive_sequential
@@ -346,28 +347,14 @@ def measure_soup_memory(k: int = 12, width: int = 1024) -> dict:
     return out
 
 
-def _f(v: object) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.1f}" if isinstance(v, float) else str(v)
-
-
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    cells = [header] + [[_f(c) for c in r] for r in rows]
-    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in cells]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    return "\n".join(lines)
-
-
 def format_tables(res: dict) -> str:
     """The human-readable tables of :func:`run_seeds_demo`'s result."""
     la = res["lora_adaptation"]
     parts = [f"LoRA adaptation (seed {res['seed']}): pretrained on 0-4, adapted to 5-9 from {la['shots_per_class']} "
-             "shots/class\n" + _table(["method", "test acc 5-9", "train acc", "time s"],
+             "shots/class\n" + text_table(["method", "test acc 5-9", "train acc", "time s"],
                                       [[n, r["test_acc_new"], r["train_acc"], r["wall_s"]] for n, r in la["rows"].items()])]  # fmt: skip
     so = res["soups"]
-    parts.append(f"Soups of K={so['K']} fine-tunes\n" + _table(
+    parts.append(f"Soups of K={so['K']} fine-tunes\n" + text_table(
         ["method", "val acc", "test acc", "held MB", "all-K MB"],
         [[n, r["val_acc"], r["test_acc"], r.get("peak_held_MB"), r.get("all_loaded_MB")] for n, r in so["rows"].items()]))  # fmt: skip
     for key, title in (("continual", "Continual learning from scratch"),
@@ -376,7 +363,7 @@ def format_tables(res: dict) -> str:
                 for n, r in res[key]["rows"].items()]  # fmt: skip
         errs = "".join(f"\n{n}: {r['error']}" for n, r in res[key]["rows"].items() if "error" in r)
         parts.append(f"{title}: 5 tasks (class-incremental)\n"
-                     + _table(["method", "avg acc", "BWT", "forgetting", "time s"], rows) + errs)  # fmt: skip
+                     + text_table(["method", "avg acc", "BWT", "forgetting", "time s"], rows) + errs)  # fmt: skip
     parts.append(f"total {res['wall_s']:.1f} s")
     return "\n\n".join(parts)
 
