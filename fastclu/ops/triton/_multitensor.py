@@ -1,27 +1,36 @@
-"""Host side of the multi-tensor launches: device tables of addresses, sizes and block maps.
+"""Triton side of the multi-tensor launches: the shared tables (:mod:`fastclu.ops._table`) as
+Triton sees them, and the device helpers that walk them.
 
-One launch covers every tensor of a (dtype signature) group. The kernel finds its work through
-a table built here and copied to the device once: per tensor the address of each operand, its
-element count and its index in the caller's list; per program the tensor it works on and the
-element offset where its chunk starts. Tables are cached on (device, chunk, dtypes, addresses,
-sizes): a table depends on nothing else, so a hit is always correct, and a changed parameter
-set (new tensors, freed and reallocated storage) simply misses and builds a new one. A table
-used during CUDA graph capture is pinned (never evicted): the graph reads it on every replay.
+One launch covers every tensor of a dtype signature (Triton's dtypes are constexprs), split in
+two: whole blocks (``EVEN``: no bounds mask, vectorisable), whose program finds its tensor by a
+binary search over the rows' ``chunk_start`` (whole blocks only), then one tail program per
+tensor whose size is not a multiple of ``BLOCK`` (row from the table's tail list). The table is
+O(tensors); per-step operands (gradients, fresh outputs) are declared per op in ``dynamic`` and
+read through the separate pointer array, so they never cause a rebuild.
+
+Kernel-side API (every multi-tensor kernel takes ``tab, dyn, n_rows`` first and the constexprs
+``EVEN``, ``ALIGN``, ``LAYOUT`` from :func:`launch`; ``LAYOUT`` packs the operand count and the
+per-step operand mask, see :attr:`Group.layout`):
+
+- ``t, offs, m = block_info(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)``: row, 64-bit offsets, mask;
+- ``operand_ptr(tab, dyn, LAYOUT, k, t, DT, ALIGN)``: typed address of operand ``k`` of row ``t``;
+- ``row_field(tab, t, COL, LAYOUT)``: a header column (``COL_NUMEL``, ``COL_INDEX``, ``COL_AUX``);
+- ``block_rank(tab, t, offs, BLOCK, LAYOUT)``: the block's global rank (list order over groups).
 """
 
 from __future__ import annotations
 
 import functools
-import operator
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastclu.ops import _table
+from fastclu.ops._table import COL_AUX, COL_INDEX, COL_NUMEL, COL_RANK, COL_START, HEADER, Part
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Under the interpreter every program costs a Python round trip, so fewer, larger blocks win;
@@ -51,44 +60,46 @@ TL_DTYPE = {
 # Same-width integer types: copying through them is bit-exact whatever the float payload.
 TL_BITS = {1: tl.uint8, 2: tl.int16, 4: tl.int32, 8: tl.int64}
 
-_CACHE_SIZE = 64
-_cache: OrderedDict[tuple, list[Group]] = OrderedDict()
-# Tables used while a CUDA graph was being captured: the graph reads their device memory on every
-# replay, so they must outlive any LRU eviction (freed, the memory would be reused under the graph).
-_pinned: dict[tuple, list[Group]] = {}
+_HEADER = tl.constexpr(HEADER)
+_COL_START = tl.constexpr(COL_START)
+_COL_NUMEL = tl.constexpr(COL_NUMEL)
+_COL_RANK = tl.constexpr(COL_RANK)
+C_START = tl.constexpr(COL_START)
+C_NUMEL = tl.constexpr(COL_NUMEL)
+C_INDEX = tl.constexpr(COL_INDEX)
+C_AUX = tl.constexpr(COL_AUX)
+
+Group = Part  # one launch's table (fastclu.ops._table.Part), with the Triton views below
 
 
-@dataclass(frozen=True)
-class Group:
-    """One launch's worth of tensors (same dtype signature).
+def launches(g: Group) -> list[tuple[int, int, bool]]:
+    """``(first block, programs, EVEN)`` per launch: whole blocks unmasked, then the tails."""
+    out = [(0, g.n_full, True), (0, g.n_tail, False)]
+    return [x for x in out if x[1] > 0]
 
-    ``ptrs``: int64 ``[n_operands, n_tensors]`` device addresses (0 for an absent operand);
-    ``numel``/``index``/``rowlen``: int64 ``[n_tensors]`` (elements, list position,
-    row length); ``blk_tensor``/``blk_start``: int64
-    ``[n_blocks]`` (position in this group, first element); ``blk_global``: int64 ``[n_blocks]``,
-    the block's rank in the global (tensor, offset) order over all groups. The first ``n_full``
-    blocks are whole (no element past the tensor's end); ``align`` (bytes, a power of two <= 16)
-    divides every address in the table.
-    """
 
-    def launches(self) -> list[tuple[int, int, bool]]:
-        """``(first block, programs, EVEN)`` per launch: whole blocks unmasked, then the tails."""
-        out = [(0, self.n_full, True), (self.n_full, self.n_blocks - self.n_full, False)]
-        return [x for x in out if x[1] > 0]
+def layout(g: Group) -> int:
+    """The ``LAYOUT`` constexpr: operand count in bits 0-7, per-step operand mask from bit 8."""
+    return g.n_ops + 256 * g.dyn_mask
 
-    dtypes: tuple[torch.dtype | None, ...]
-    members: tuple[int, ...]
-    n_tensors: int
-    n_blocks: int
-    n_full: int
-    align: int
-    ptrs: Tensor
-    numel: Tensor
-    index: Tensor
-    rowlen: Tensor
-    blk_tensor: Tensor
-    blk_start: Tensor
-    blk_global: Tensor
+
+def block_map(g: Group, chunk: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """Host expansion of the launches (tests only): per program in launch order its tensor
+    position in the group, first element and global rank."""
+    chunk = chunk or BLOCK
+    rows = _table.host_rows(g)
+    t, s, r = [], [], []
+    for i, row in enumerate(rows):
+        for b in range(int(row[COL_NUMEL]) // chunk):
+            t.append(i)
+            s.append(b * chunk)
+            r.append(int(row[COL_RANK]) + b)
+    for i in _table.host_tails(g).tolist():
+        n = int(rows[i, COL_NUMEL])
+        t.append(i)
+        s.append(n // chunk * chunk)
+        r.append(int(rows[i, COL_RANK]) + n // chunk)
+    return t, s, r
 
 
 def alloc(shape: tuple[int, ...] | int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -105,56 +116,33 @@ def tl_dtype(dt: torch.dtype | None) -> tl.dtype:
 
 
 def groups(
-    operands: Sequence[Sequence[Tensor] | None], chunk: int = BLOCK, *, rows: bool = False
+    operands: Sequence[Sequence[Tensor] | None],
+    chunk: int = BLOCK,
+    *,
+    rows: bool = False,
+    dynamic: Sequence[int] = (),
+    aux: Sequence[int] | None = None,
 ) -> tuple[list[Group], int]:
-    """Group aligned operand lists by dtype signature and build (or fetch) their tables.
+    """Group aligned operand lists by dtype signature and fetch (or build) their tables.
 
-    operands: lists aligned with ``operands[0]`` (None for an absent operand). The first list
-    drives the block map: empty tensors get no block. With ``rows=True`` blocks never straddle
-    a row (dim 0 of ``operands[0][i]``; ndim <= 1 is one row): ``blk_start`` is then the flat
-    offset of the chunk and every chunk starts ``k * chunk`` elements into its row.
-    Returns the groups and the total number of blocks.
+    operands: lists aligned with ``operands[0]`` (None for an absent operand), which gives the
+    sizes. ``dynamic``: the operands whose addresses change per step (gradients, outputs
+    allocated per call): not part of the cache key, passed through the pointer array. Every
+    tensor gets a row (empty ones no block). With ``rows=True`` a block is one whole row (dim 0
+    of ``operands[0][i]``; ndim <= 1 is one row) and ``aux`` is the row length. Returns the
+    groups and the total number of blocks.
     """
     main = operands[0]
-    n = len(main)
-    dev = main[0].device if n else torch.device("cpu")
-    # the key is rebuilt every call: C-level map()s keep it to ~0.1 us per tensor and operand
-    sig = list(zip(*[[None] * n if op is None else map(_dtype, op) for op in operands]))
-    key = (
-        str(dev), chunk, rows, tuple(sig),
-        tuple(None if op is None else tuple(map(Tensor.data_ptr, op)) for op in operands),
-        tuple(map(_shape, main)),
-    )  # fmt: skip
-    capturing = _capturing(dev)
-    hit = _cache.get(key)
-    if hit is None:
-        hit = _pinned.get(key)
-    if hit is not None:
-        _remember(key, hit)
-        if capturing:
-            _pinned[key] = hit
-        return hit, _total(hit)
-    if capturing:
-        # building copies the table host -> device, which a capturing stream refuses (and a replay
-        # could not repeat): the table must exist before capture, as torch's own warm-up advice says
-        raise RuntimeError(
-            "fastclu triton: no device table for these tensors yet and the stream is capturing a CUDA "
-            "graph; run the op once on the same tensors before capturing (warm-up)"
-        )
-    out = _build(operands, sig, chunk, rows, dev)
-    _remember(key, out)
-    return out, _total(out)
-
-
-def _remember(key: tuple, gs: list[Group]) -> None:
-    _cache[key] = gs
-    _cache.move_to_end(key)
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
-
-
-def _capturing(dev: torch.device) -> bool:
-    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    dev = main[0].device if main else torch.device("cpu")
+    if rows:
+        units = [t.shape[0] if t.dim() >= 2 else 1 for t in main]
+        aux = [_row_len(t) for t in main]
+        entry = _table.get("triton", operands, dev, chunk=1, by_dtype=True, dynamic=dynamic, units=units, aux=aux,
+                           keep_empty=True)  # fmt: skip
+    else:
+        entry = _table.get("triton", operands, dev, chunk=chunk, split_tails=True, by_dtype=True, dynamic=dynamic,
+                           aux=aux, keep_empty=True)  # fmt: skip
+    return entry.parts, entry.n_chunks
 
 
 def on_device(fn: Callable) -> Callable:
@@ -178,81 +166,8 @@ def on_device(fn: Callable) -> Callable:
     return run
 
 
-_dtype = operator.attrgetter("dtype")
-_shape = operator.attrgetter("shape")
-
-
-def _total(gs: list[Group]) -> int:
-    return sum(g.n_blocks for g in gs)
-
-
 def _row_len(t: Tensor) -> int:
     return t.numel() // t.shape[0] if t.dim() >= 2 and t.shape[0] > 0 else t.numel()
-
-
-def _blocks(t: Tensor, chunk: int, rows: bool) -> list[int]:
-    n = t.numel()
-    if n == 0:
-        return []
-    if not rows:
-        return list(range(0, n, chunk))
-    ln = _row_len(t)
-    per_row = range(0, ln, chunk)
-    return [r * ln + c for r in range(n // ln) for c in per_row]
-
-
-def _build(operands, sig, chunk: int, rows: bool, dev: torch.device) -> list[Group]:
-    main = operands[0]
-    order: dict[tuple, list[int]] = {}
-    for i, s in enumerate(sig):
-        order.setdefault(s, []).append(i)
-    # Global block rank follows list order (tensor index, then offset), whatever the grouping:
-    # the tie-break of topk_mask and any cross-group buffer rely on it.
-    starts = [_blocks(t, chunk, rows) for t in main]
-    first = [0] * len(main)
-    acc = 0
-    for i, st in enumerate(starts):
-        first[i] = acc
-        acc += len(st)
-    out = []
-    for s, members in order.items():
-        ptrs = [[0 if op is None else op[i].data_ptr() for i in members] for op in operands]
-        full, tail = [], []
-        for j, i in enumerate(members):
-            n = main[i].numel()
-            for b, st in enumerate(starts[i]):
-                # full blocks first: they run in a launch without bounds masks (vectorisable)
-                (full if not rows and st + chunk <= n else tail).append((j, st, first[i] + b))
-        bt, bs, bg = ([e[c] for e in full + tail] for c in range(3))
-        # the largest power of two (<= 16 bytes) dividing every address: an alignment hint
-        # that holds by construction
-        align = 16
-        for row in ptrs:
-            for p in row:
-                if p:
-                    align = min(align, p & -p)
-        nt, nb, no = len(members), len(bt), len(operands)
-        segments = [
-            [v for row in ptrs for v in row], [main[i].numel() for i in members], list(members),
-            [_row_len(main[i]) for i in members], bt, bs, bg,
-        ]  # fmt: skip
-        # Each segment padded to an even length: every sub-table then starts 16-byte aligned, so
-        # Triton's pointer-alignment specialisation does not vary with the parity of nt / nb
-        # (which would compile a new kernel variant when the parameter set changes).
-        flat, at = [], []
-        for seg in segments:
-            at.append(len(flat))
-            flat += seg + [0] * (len(seg) % 2)
-        dv = torch.tensor(flat, dtype=torch.int64).to(dev)
-        sl = [dv[a : a + len(seg)] for a, seg in zip(at, segments)]
-        out.append(
-            Group(
-                dtypes=s, members=tuple(members), n_tensors=nt, n_blocks=nb, n_full=len(full), align=align,
-                ptrs=sl[0].view(no, nt), numel=sl[1], index=sl[2], rowlen=sl[3], blk_tensor=sl[4],
-                blk_start=sl[5], blk_global=sl[6],
-            )
-        )  # fmt: skip
-    return out
 
 
 def scalar_arg(x: float | Tensor, device: torch.device, dummy: Tensor) -> tuple[Tensor, float, bool]:
@@ -283,34 +198,88 @@ def load_scalar(ptr, val, IS_T: tl.constexpr):
 
 
 @helper
-def operand_ptr(ptrs, n_tensors, row: tl.constexpr, t, DT: tl.constexpr, ALIGN: tl.constexpr = 1):
-    """Address of operand ``row`` of tensor ``t`` as a typed pointer (``ALIGN``: known byte alignment)."""
-    ptr = tl.load(ptrs + row * n_tensors + t).to(tl.pointer_type(DT))
+def row_field(tab, t, COL: tl.constexpr, LAYOUT: tl.constexpr):
+    """Header column ``COL`` of row ``t`` (int64)."""
+    return tl.load(tab + t * (_HEADER + (LAYOUT & 255)) + COL)
+
+
+@helper
+def find_row(tab, n_rows, c, LAYOUT: tl.constexpr):
+    """The last row whose ``chunk_start <= c``: binary search, O(log tensors) loads."""
+    lo = n_rows * 0
+    hi = n_rows - 1
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        ok = tl.load(tab + mid * (_HEADER + (LAYOUT & 255)) + _COL_START) <= c
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@helper
+def block_start(tab, n_rows, pid, BLOCK: tl.constexpr, EVEN: tl.constexpr, LAYOUT: tl.constexpr):
+    """(row, first element) of program ``pid``: a whole block (``EVEN``) or a tensor's tail."""
+    if EVEN:
+        t = find_row(tab, n_rows, pid, LAYOUT)
+        start = (pid - row_field(tab, t, _COL_START, LAYOUT)) * BLOCK
+    else:
+        t = tl.load(tab + n_rows * (_HEADER + (LAYOUT & 255)) + pid).to(tl.int32)
+        start = row_field(tab, t, _COL_NUMEL, LAYOUT) // BLOCK * BLOCK
+    return t, tl.multiple_of(start.to(tl.int64), BLOCK)
+
+
+@helper
+def block_info(tab, n_rows, pid, BLOCK: tl.constexpr, EVEN: tl.constexpr, LAYOUT: tl.constexpr):
+    """(row, 64-bit element offsets, in-bounds mask) of program ``pid``.
+
+    Blocks start at multiples of BLOCK; with ``EVEN`` the block is known to be whole and the
+    mask is a constant (so loads and stores can be vectorised).
+    """
+    t, start = block_start(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    m = tl.full([BLOCK], 1, tl.int1) if EVEN else offs < row_field(tab, t, _COL_NUMEL, LAYOUT)
+    return t, offs, m
+
+
+@helper
+def block_info_ranked(tab, n_rows, pid, BLOCK: tl.constexpr, EVEN: tl.constexpr, LAYOUT: tl.constexpr):
+    """:func:`block_info` and the block's global rank (list order over every group of the call)."""
+    t, start = block_start(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    m = tl.full([BLOCK], 1, tl.int1) if EVEN else offs < row_field(tab, t, _COL_NUMEL, LAYOUT)
+    return t, offs, m, row_field(tab, t, _COL_RANK, LAYOUT) + start // BLOCK
+
+
+@helper
+def block_rank(tab, t, start, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
+    """Global rank of the block starting at element ``start`` of row ``t`` (list order)."""
+    return row_field(tab, t, _COL_RANK, LAYOUT) + start // BLOCK
+
+
+@helper
+def operand_ptr(tab, dyn, LAYOUT: tl.constexpr, row: tl.constexpr, t, DT: tl.constexpr, ALIGN: tl.constexpr = 1):
+    """Address of operand ``row`` of row ``t`` as a typed pointer (``ALIGN``: known byte alignment)."""
+    v = tl.load(tab + t * (_HEADER + (LAYOUT & 255)) + _HEADER + row)
+    if (LAYOUT >> (8 + row)) & 1:
+        v = tl.load(dyn + (-1 - v))  # a per-step operand: its slot holds -(1 + index into dyn)
+    ptr = v.to(tl.pointer_type(DT))
     if ALIGN > 1:
         # on the pointer itself: the compiler's alignment analysis does not see through int_to_ptr
         ptr = tl.multiple_of(ptr, ALIGN)
     return ptr
 
 
-@helper
-def block_info(blk_tensor, blk_start, numel, pid, BLOCK: tl.constexpr, EVEN: tl.constexpr = False):
-    """(tensor position, 64-bit element offsets, in-bounds mask) of program ``pid``.
-
-    Blocks start at multiples of BLOCK; with ``EVEN`` the block is known to be whole and the
-    mask is a constant (so loads and stores can be vectorised).
-    """
-    t = tl.load(blk_tensor + pid)
-    start = tl.multiple_of(tl.load(blk_start + pid), BLOCK)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    m = tl.full([BLOCK], 1, tl.int1) if EVEN else offs < tl.load(numel + t)
-    return t, offs, m
-
-
 def launch(kernel, g: Group, *args, **meta) -> None:
     """Run ``kernel`` over group ``g``: whole blocks (``EVEN=True``), then the tail blocks.
 
-    The kernel takes ``blk0`` (its first block) after ``args`` and the constexprs ``EVEN`` and
-    ``ALIGN`` (the group's address alignment) besides ``meta``.
+    The kernel takes ``blk0`` (0: kept for kernels that split a grid) after ``args`` and the
+    constexprs ``EVEN``, ``ALIGN`` (the group's address alignment) and ``LAYOUT`` besides ``meta``.
     """
-    for blk0, n, even in g.launches():
-        kernel[(n,)](*args, blk0, EVEN=even, ALIGN=g.align, **meta)
+    lay = layout(g)
+    for blk0, n, even in launches(g):
+        kernel[(n,)](*args, blk0, EVEN=even, ALIGN=g.align, LAYOUT=lay, **meta)
+
+
+def table_args(g: Group) -> tuple[Tensor, Tensor, int]:
+    """``(tab, dyn, n_rows)``: the first three arguments of a multi-tensor kernel."""
+    return g.tab, g.dyn if g.dyn is not None else g.tab, g.n_rows

@@ -16,20 +16,21 @@ from fastclu.ops.triton._multitensor import (
     on_device,
     operand_ptr,
     scalar_arg,
+    table_args,
     tl_dtype,
 )
 
 
 @triton.jit
 def _fisher_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, s_ptr, s_val,
+    tab, dyn, n_rows, s_ptr, s_val,
     blk0, S_T: tl.constexpr, POWER: tl.constexpr, DF: tl.constexpr, DG: tl.constexpr, BLOCK: tl.constexpr,
-    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    fp = operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN)
+    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    fp = operand_ptr(tab, dyn, LAYOUT, 0, t, DF, ALIGN)
     s = load_scalar(s_ptr, s_val, S_T)
-    g = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DG, ALIGN) + offs, mask=m).to(tl.float32)
+    g = tl.load(operand_ptr(tab, dyn, LAYOUT, 1, t, DG, ALIGN) + offs, mask=m).to(tl.float32)
     v = g * g if POWER == 2 else tl.abs(g)
     f = tl.load(fp + offs, mask=m).to(tl.float32)
     tl.store(fp + offs, (f + s * v).to(DF), mask=m)
@@ -41,12 +42,12 @@ def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], scale: float |
     """``fisher += scale * g**2`` (or ``|g|``); see :func:`fastclu.ops.fisher_accumulate_`."""
     if not fisher:
         return
-    gs, _ = groups([fisher, grads])
+    gs, _ = groups([fisher, grads], dynamic=(1,))
     for g in gs:
         if g.n_blocks == 0:
             continue
-        sp, sv, st = scalar_arg(scale, fisher[0].device, g.numel)
+        sp, sv, st = scalar_arg(scale, fisher[0].device, g.tab)
         launch(_fisher_kernel, g, 
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, sp, sv,
+            *table_args(g), sp, sv,
             S_T=st, POWER=power, DF=tl_dtype(g.dtypes[0]), DG=tl_dtype(g.dtypes[1]), BLOCK=BLOCK,
         )  # fmt: skip

@@ -11,12 +11,13 @@ from fastclu._registry import register
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
-    block_info,
+    block_info_ranked,
     groups,
     helper,
     launch,
     on_device,
     operand_ptr,
+    table_args,
     tl_dtype,
 )
 from fastclu.ops.triton._reduce import dsum as _dsum
@@ -37,34 +38,33 @@ def _mask_bits(mptr, offs, m):
 
 @triton.jit
 def _gram_kernel(
-    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, part,
+    tab, dyn, n_rows, part,
     blk0, R: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, M3: tl.constexpr,
     HAS_MASK: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
-    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0) + blk0
-    t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
-    gb = tl.load(blk_global + pid)
+    t, offs, m, gb = block_info_ranked(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
     if HAS_MASK:
-        bits = _mask_bits(operand_ptr(ptrs, n_tensors, R, t, tl.uint8, ALIGN), offs, m)
+        bits = _mask_bits(operand_ptr(tab, dyn, LAYOUT, R, t, tl.uint8, ALIGN), offs, m)
     else:
         bits = tl.full([BLOCK], 1, tl.int1)
-    g0 = tl.load(operand_ptr(ptrs, n_tensors, 0, t, D0, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    g0 = tl.load(operand_ptr(tab, dyn, LAYOUT, 0, t, D0, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
     if M0:
         g0 = tl.where(bits, g0, 0.0)  # selection: inf/NaN under a 0 bit drop out
     g1 = g0
     g2 = g0
     g3 = g0
     if R > 1:
-        g1 = tl.load(operand_ptr(ptrs, n_tensors, 1, t, D1, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+        g1 = tl.load(operand_ptr(tab, dyn, LAYOUT, 1, t, D1, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
         if M1:
             g1 = tl.where(bits, g1, 0.0)  # selection: inf/NaN under a 0 bit drop out
     if R > 2:
-        g2 = tl.load(operand_ptr(ptrs, n_tensors, 2, t, D2, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(operand_ptr(tab, dyn, LAYOUT, 2, t, D2, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
         if M2:
             g2 = tl.where(bits, g2, 0.0)  # selection: inf/NaN under a 0 bit drop out
     if R > 3:
-        g3 = tl.load(operand_ptr(ptrs, n_tensors, 3, t, D3, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+        g3 = tl.load(operand_ptr(tab, dyn, LAYOUT, 3, t, D3, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
         if M3:
             g3 = tl.where(bits, g3, 0.0)  # selection: inf/NaN under a 0 bit drop out
     # every one of the R * R partials is written (the mirror too): stage two sums them all, and an
@@ -94,14 +94,14 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     if not grads[0]:
         return torch.zeros(R, R, dtype=torch.float32, device=dev)
     flags = [bool(f) and mask is not None for f in masked] + [False] * (4 - R)
-    gs, total = groups([*grads, mask])
+    gs, total = groups([*grads, mask], dynamic=range(R))
     part = mt.alloc((max(total, 1), R * R), torch.float64, dev)
     for g in gs:
         if g.n_blocks == 0:
             continue
         dts = [tl_dtype(d) for d in g.dtypes[:R]] + [tl.float32] * (4 - R)
         launch(_gram_kernel, g, 
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, part,
+            *table_args(g), part,
             R=R, M0=flags[0], M1=flags[1], M2=flags[2], M3=flags[3], HAS_MASK=mask is not None,
             D0=dts[0], D1=dts[1], D2=dts[2], D3=dts[3], BLOCK=BLOCK,
         )  # fmt: skip

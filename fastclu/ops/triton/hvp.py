@@ -16,21 +16,22 @@ from fastclu.ops.triton._multitensor import (
     on_device,
     operand_ptr,
     scalar_arg,
+    table_args,
     tl_dtype,
 )
 
 
 @triton.jit
 def _fd_hvp_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, e_ptr, e_val,
+    tab, dyn, n_rows, e_ptr, e_val,
     blk0, E_T: tl.constexpr, ACC: tl.constexpr, DO: tl.constexpr, DPL: tl.constexpr, DMI: tl.constexpr,
-    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    op = operand_ptr(ptrs, n_tensors, 0, t, DO, ALIGN)
+    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    op = operand_ptr(tab, dyn, LAYOUT, 0, t, DO, ALIGN)
     eps = load_scalar(e_ptr, e_val, E_T)
-    gp = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DPL, ALIGN) + offs, mask=m).to(tl.float32)
-    gm = tl.load(operand_ptr(ptrs, n_tensors, 2, t, DMI, ALIGN) + offs, mask=m).to(tl.float32)
+    gp = tl.load(operand_ptr(tab, dyn, LAYOUT, 1, t, DPL, ALIGN) + offs, mask=m).to(tl.float32)
+    gm = tl.load(operand_ptr(tab, dyn, LAYOUT, 2, t, DMI, ALIGN) + offs, mask=m).to(tl.float32)
     v = (gp - gm) / (2.0 * eps)
     if ACC:
         v = tl.load(op + offs, mask=m).to(tl.float32) + v
@@ -45,13 +46,13 @@ def fd_hvp_(
     """``out (+)= (g_plus - g_minus) / (2 eps)``; see :func:`fastclu.ops.fd_hvp_`."""
     if not out:
         return
-    gs, _ = groups([out, grads_plus, grads_minus])
+    gs, _ = groups([out, grads_plus, grads_minus], dynamic=(1, 2))
     for g in gs:
         if g.n_blocks == 0:
             continue
-        ep, ev, et = scalar_arg(eps, out[0].device, g.numel)
+        ep, ev, et = scalar_arg(eps, out[0].device, g.tab)
         d = [tl_dtype(x) for x in g.dtypes]
         launch(_fd_hvp_kernel, g, 
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, ep, ev,
+            *table_args(g), ep, ev,
             E_T=et, ACC=bool(accumulate), DO=d[0], DPL=d[1], DMI=d[2], BLOCK=BLOCK,
         )  # fmt: skip

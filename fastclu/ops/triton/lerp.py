@@ -16,19 +16,20 @@ from fastclu.ops.triton._multitensor import (
     on_device,
     operand_ptr,
     scalar_arg,
+    table_args,
     tl_dtype,
 )
 
 
 @triton.jit
 def _lerp_sync_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, beta_ptr, beta_val,
+    tab, dyn, n_rows, beta_ptr, beta_val,
     blk0, BETA_T: tl.constexpr, DS: tl.constexpr, DF: tl.constexpr, BLOCK: tl.constexpr,
-    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    sp = operand_ptr(ptrs, n_tensors, 0, t, DS, ALIGN)
-    fp = operand_ptr(ptrs, n_tensors, 1, t, DF, ALIGN)
+    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    sp = operand_ptr(tab, dyn, LAYOUT, 0, t, DS, ALIGN)
+    fp = operand_ptr(tab, dyn, LAYOUT, 1, t, DF, ALIGN)
     beta = load_scalar(beta_ptr, beta_val, BETA_T)
     s = tl.load(sp + offs, mask=m).to(tl.float32)
     f = tl.load(fp + offs, mask=m).to(tl.float32)
@@ -48,8 +49,8 @@ def lerp_sync_(slow: list[Tensor], fast: list[Tensor], beta: float | Tensor) -> 
     for g in gs:
         if g.n_blocks == 0:
             continue
-        bp, bv, bt = scalar_arg(beta, slow[0].device, g.numel)
+        bp, bv, bt = scalar_arg(beta, slow[0].device, g.tab)
         launch(_lerp_sync_kernel, g, 
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, bp, bv,
+            *table_args(g), bp, bv,
             BETA_T=bt, DS=tl_dtype(g.dtypes[0]), DF=tl_dtype(g.dtypes[1]), BLOCK=BLOCK,
         )  # fmt: skip

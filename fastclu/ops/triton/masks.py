@@ -15,14 +15,20 @@ from fastclu._registry import register
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
+    C_NUMEL,
     block_info,
+    block_info_ranked,
+    block_rank,
+    block_start,
     groups,
     helper,
     launch,
     load_scalar,
     on_device,
     operand_ptr,
+    row_field,
     scalar_arg,
+    table_args,
     tl_dtype,
 )
 
@@ -51,21 +57,21 @@ def _pack(bits, BLOCK: tl.constexpr):
 
 @triton.jit
 def _ratio_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, g_ptr, g_val, eps,
+    tab, dyn, n_rows, g_ptr, g_val, eps,
     blk0, G_T: tl.constexpr, DF: tl.constexpr, DR: tl.constexpr, BLOCK: tl.constexpr,
-    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     # Compared in fp32, as the reference does for fp32/fp16/bf16 (fp64 never reaches a kernel).
     pid = tl.program_id(0) + blk0
-    t = tl.load(blk_tensor + pid)
-    n = tl.load(numel + t)
-    bytes_, offs = _byte_offsets(tl.multiple_of(tl.load(blk_start + pid), BLOCK), BLOCK)
+    t, start = block_start(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
+    n = row_field(tab, t, C_NUMEL, LAYOUT)
+    bytes_, offs = _byte_offsets(start, BLOCK)
     m = tl.full([BLOCK // 8, 8], 1, tl.int1) if EVEN else offs < n
     gamma = load_scalar(g_ptr, g_val, G_T)
-    ff = tl.load(operand_ptr(ptrs, n_tensors, 0, t, DF, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
-    fr = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DR, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    ff = tl.load(operand_ptr(tab, dyn, LAYOUT, 0, t, DF, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    fr = tl.load(operand_ptr(tab, dyn, LAYOUT, 1, t, DR, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
     keep = ((ff + eps) >= gamma * (fr + eps)) & m
-    out = operand_ptr(ptrs, n_tensors, 2, t, tl.uint8, ALIGN)
+    out = operand_ptr(tab, dyn, LAYOUT, 2, t, tl.uint8, ALIGN)
     tl.store(out + bytes_, _pack(keep, BLOCK), mask=bytes_ * 8 < n)
 
 
@@ -80,13 +86,13 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: float | Te
     outs = _empty_masks(f_forget)
     if not f_forget:
         return outs
-    gs, _ = groups([f_forget, f_remain, outs])
+    gs, _ = groups([f_forget, f_remain, outs], dynamic=(2,))
     for g in gs:
         if g.n_blocks == 0:
             continue
-        gp, gv, gt = scalar_arg(gamma, f_forget[0].device, g.numel)
+        gp, gv, gt = scalar_arg(gamma, f_forget[0].device, g.tab)
         launch(_ratio_kernel, g,
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, gp, gv, float(eps),
+            *table_args(g), gp, gv, float(eps),
             G_T=gt, DF=tl_dtype(g.dtypes[0]), DR=tl_dtype(g.dtypes[1]), BLOCK=BLOCK,
         )  # fmt: skip
     return outs
@@ -122,12 +128,12 @@ def _state_key(state):
 
 @triton.jit
 def _topk_hist_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, state, hist, blk0, SHIFT: tl.constexpr,
+    tab, dyn, n_rows, state, hist, blk0, SHIFT: tl.constexpr,
     D: tl.constexpr, BLOCK: tl.constexpr,
-    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m)
+    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    k = _ukey(operand_ptr(tab, dyn, LAYOUT, 0, t, D, ALIGN), offs, m)
     if SHIFT < 24:
         prefix = _state_key(state)
         m = m & ((k >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
@@ -155,35 +161,38 @@ def _topk_select_kernel(state, hist, SHIFT: tl.constexpr):
 
 @triton.jit
 def _topk_ties_kernel(
-    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties, blk0, D: tl.constexpr,
-    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    tab, dyn, n_rows, state, ties, blk0, D: tl.constexpr,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0) + blk0
-    t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
-    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m)
+    t, offs, m, gb = block_info_ranked(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
+    k = _ukey(operand_ptr(tab, dyn, LAYOUT, 0, t, D, ALIGN), offs, m)
     thr = _state_key(state)
     eq = (m & (k == thr)).to(tl.int64)
-    tl.store(ties + tl.load(blk_global + pid), tl.sum(eq, axis=0))
+    tl.store(ties + gb, tl.sum(eq, axis=0))
 
 
 @triton.jit
 def _topk_write_kernel(
-    ptrs, numel, blk_tensor, blk_start, blk_global, n_tensors, state, ties_before, blk0,
+    tab, dyn, n_rows, state, ties_before, blk0,
     D: tl.constexpr, BLOCK: tl.constexpr,
-    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0) + blk0
-    t, offs, m = block_info(blk_tensor, blk_start, numel, pid, BLOCK, EVEN)
-    n = tl.load(numel + t)
-    k = _ukey(operand_ptr(ptrs, n_tensors, 0, t, D, ALIGN), offs, m)
+    t, start = block_start(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
+    n = row_field(tab, t, C_NUMEL, LAYOUT)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    m = tl.full([BLOCK], 1, tl.int1) if EVEN else offs < n
+    gb = block_rank(tab, t, start, BLOCK, LAYOUT)
+    k = _ukey(operand_ptr(tab, dyn, LAYOUT, 0, t, D, ALIGN), offs, m)
     thr = _state_key(state)
     q = tl.load(state + 1)
     eq = (m & (k == thr)).to(tl.int64)
-    rank = tl.load(ties_before + tl.load(blk_global + pid)) + tl.cumsum(eq, axis=0) - eq
+    rank = tl.load(ties_before + gb) + tl.cumsum(eq, axis=0) - eq
     keep = m & ((k > thr) | ((eq != 0) & (rank < q)))
     packed = _pack(tl.reshape(keep.to(tl.int32), [BLOCK // 8, 8]), BLOCK)
-    bytes_ = (tl.load(blk_start + pid) >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
-    tl.store(operand_ptr(ptrs, n_tensors, 1, t, tl.uint8, ALIGN) + bytes_, packed, mask=bytes_ * 8 < n)
+    bytes_ = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
+    tl.store(operand_ptr(tab, dyn, LAYOUT, 1, t, tl.uint8, ALIGN) + bytes_, packed, mask=bytes_ * 8 < n)
 
 
 @register("topk_mask", "triton")
@@ -198,14 +207,14 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
             o.zero_()
         return outs
     dev = scores[0].device
-    gs, total = groups([scores, outs])
+    gs, total = groups([scores, outs], dynamic=(0, 1))
     state = torch.tensor([0, k], dtype=torch.int64).to(dev)
     hist = torch.zeros(256, dtype=torch.int64, device=dev)
     for shift in range(24, -1, -8):
         for g in gs:
             if g.n_blocks:
                 launch(_topk_hist_kernel, g, 
-                    g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors, state, hist,
+                    *table_args(g), state, hist,
                     SHIFT=shift, D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
                 )  # fmt: skip
         _topk_select_kernel[(1,)](state, hist, SHIFT=shift)
@@ -213,7 +222,7 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
     for g in gs:
         if g.n_blocks:
             launch(_topk_ties_kernel, g, 
-                g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, state, ties,
+                *table_args(g), state, ties,
                 D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
             )  # fmt: skip
     # Integer prefix sum over a few values per block: exact, and tiny next to the scores.
@@ -221,7 +230,7 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
     for g in gs:
         if g.n_blocks:
             launch(_topk_write_kernel, g, 
-                g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.blk_global, g.n_tensors, state, ties_before,
+                *table_args(g), state, ties_before,
                 D=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
             )  # fmt: skip
     return outs

@@ -18,15 +18,23 @@ from fastclu._registry import register
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
+    C_AUX,
+    C_INDEX,
+    C_START,
     TL_BITS,
+    _row_len,
     block_info,
+    find_row,
     groups,
     helper,
     launch,
+    layout,
     load_scalar,
     on_device,
     operand_ptr,
+    row_field,
     scalar_arg,
+    table_args,
     tl_dtype,
 )
 
@@ -118,21 +126,22 @@ def philox_normal_stream(
 
 
 @triton.jit
-def _row_norm_kernel(ptrs, numel, rowlen, blk_tensor, blk_start, n_tensors, DP: tl.constexpr, BLOCK: tl.constexpr):
+def _row_norm_kernel(tab, dyn, n_rows, DP: tl.constexpr, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
     # One program per row, columns in a fixed-order loop: deterministic, no second stage.
     pid = tl.program_id(0)
-    t = tl.load(blk_tensor + pid)
-    start = tl.load(blk_start + pid)
-    ln = tl.load(rowlen + t)
-    p = operand_ptr(ptrs, n_tensors, 0, t, DP)
+    t = find_row(tab, n_rows, pid, LAYOUT)  # chunks are rows here (aux: the row length)
+    r = pid - row_field(tab, t, C_START, LAYOUT)
+    ln = row_field(tab, t, C_AUX, LAYOUT)
+    start = r.to(tl.int64) * ln
+    p = operand_ptr(tab, dyn, LAYOUT, 0, t, DP)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for c in range(0, ln, BLOCK):
         cols = c + tl.arange(0, BLOCK).to(tl.int64)
         x = tl.load(p + start + cols, mask=cols < ln, other=0.0).to(tl.float64)
         acc += x * x
-    out = operand_ptr(ptrs, n_tensors, 1, t, tl.float32)
+    out = operand_ptr(tab, dyn, LAYOUT, 1, t, tl.float32)
     # fp64 sum of squares rounded once, as the reference's fp64 norm
-    tl.store(out + start // ln, tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32))
+    tl.store(out + r, tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32))
 
 
 def clean_row_norms(params: list[Tensor]) -> list[Tensor]:
@@ -143,39 +152,36 @@ def clean_row_norms(params: list[Tensor]) -> list[Tensor]:
             o.zero_()  # rows of length 0 (or a lone empty row) have norm 0
     if not params:
         return outs
-    gs, _ = groups([params, outs], chunk=2**62, rows=True)
+    gs, _ = groups([params, outs], rows=True, dynamic=(1,))
     for g in gs:
         if g.n_blocks == 0:
             continue
-        _row_norm_kernel[(g.n_blocks,)](
-            g.ptrs, g.numel, g.rowlen, g.blk_tensor, g.blk_start, g.n_tensors,
-            DP=tl_dtype(g.dtypes[0]), BLOCK=BLOCK,
-        )  # fmt: skip
+        _row_norm_kernel[(g.n_blocks,)](*table_args(g), DP=tl_dtype(g.dtypes[0]), BLOCK=BLOCK, LAYOUT=layout(g))
     return outs
 
 
 @triton.jit
 def _perturb_kernel(
-    ptrs, numel, index, rowlen, blk_tensor, blk_start, n_tensors, s_ptr, s_val, seed_lo, seed_hi,
+    tab, dyn, n_rows, s_ptr, s_val, seed_lo, seed_hi,
     blk0, S_T: tl.constexpr, MODE: tl.constexpr, BACKUP: tl.constexpr, DP: tl.constexpr, DS: tl.constexpr,
-    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     # MODE 0: d = theta - anchor; 1: d = direction; 2: d = Philox normal * row norm / sqrt(n)
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    pp = operand_ptr(ptrs, n_tensors, 0, t, DP, ALIGN)
+    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    pp = operand_ptr(tab, dyn, LAYOUT, 0, t, DP, ALIGN)
     s = load_scalar(s_ptr, s_val, S_T)
     raw = tl.load(pp + offs, mask=m)
     if BACKUP:
-        tl.store(operand_ptr(ptrs, n_tensors, 1, t, DP, ALIGN) + offs, raw, mask=m)
+        tl.store(operand_ptr(tab, dyn, LAYOUT, 1, t, DP, ALIGN) + offs, raw, mask=m)
     p = raw.to(tl.float32)
     if MODE == 0:
-        d = p - tl.load(operand_ptr(ptrs, n_tensors, 2, t, DS, ALIGN) + offs, mask=m).to(tl.float32)
+        d = p - tl.load(operand_ptr(tab, dyn, LAYOUT, 2, t, DS, ALIGN) + offs, mask=m).to(tl.float32)
     elif MODE == 1:
-        d = tl.load(operand_ptr(ptrs, n_tensors, 2, t, DS, ALIGN) + offs, mask=m).to(tl.float32)
+        d = tl.load(operand_ptr(tab, dyn, LAYOUT, 2, t, DS, ALIGN) + offs, mask=m).to(tl.float32)
     else:
-        ln = tl.load(rowlen + t)
-        norm = tl.load(operand_ptr(ptrs, n_tensors, 2, t, tl.float32, ALIGN) + offs // ln, mask=m)
-        z = philox_normal(offs, tl.load(index + t), seed_lo, seed_hi)
+        ln = row_field(tab, t, C_AUX, LAYOUT)
+        norm = tl.load(operand_ptr(tab, dyn, LAYOUT, 2, t, tl.float32, ALIGN) + offs // ln, mask=m)
+        z = philox_normal(offs, row_field(tab, t, C_INDEX, LAYOUT), seed_lo, seed_hi)
         d = z * (norm / tl.sqrt_rn(ln.to(tl.float32)))
     tl.store(pp + offs, (p + s * d).to(DP), mask=m)
 
@@ -209,13 +215,13 @@ def perturb_(
     if not params:
         return norms
     seed_v = 0 if seed is None else seed
-    gs, _ = groups([params, backup, src])
+    gs, _ = groups([params, backup, src], dynamic=(1, 2), aux=[_row_len(p) for p in params] if mode == 2 else None)
     for g in gs:
         if g.n_blocks == 0:
             continue
-        sp, sv, st = scalar_arg(scale, params[0].device, g.numel)
+        sp, sv, st = scalar_arg(scale, params[0].device, g.tab)
         launch(_perturb_kernel, g, 
-            g.ptrs, g.numel, g.index, g.rowlen, g.blk_tensor, g.blk_start, g.n_tensors, sp, sv,
+            *table_args(g), sp, sv,
             seed_v & 0xFFFFFFFF, (seed_v >> 32) & 0xFFFFFFFF,
             S_T=st, MODE=mode, BACKUP=backup is not None, DP=tl_dtype(g.dtypes[0]), DS=tl_dtype(g.dtypes[2]),
             BLOCK=BLOCK,
@@ -225,12 +231,12 @@ def perturb_(
 
 @triton.jit
 def _copy_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors, blk0,
-    DB: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    tab, dyn, n_rows, blk0,
+    DB: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    x = tl.load(operand_ptr(ptrs, n_tensors, 1, t, DB, ALIGN) + offs, mask=m)
-    tl.store(operand_ptr(ptrs, n_tensors, 0, t, DB, ALIGN) + offs, x, mask=m)
+    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    x = tl.load(operand_ptr(tab, dyn, LAYOUT, 1, t, DB, ALIGN) + offs, mask=m)
+    tl.store(operand_ptr(tab, dyn, LAYOUT, 0, t, DB, ALIGN) + offs, x, mask=m)
 
 
 @register("restore_", "triton")
@@ -239,11 +245,11 @@ def restore_(params: list[Tensor], backup: list[Tensor]) -> None:
     """Bit-exact ``params[i].copy_(backup[i])`` (moved as same-width integers)."""
     if not params:
         return
-    gs, _ = groups([params, backup])
+    gs, _ = groups([params, backup], dynamic=(1,))
     for g in gs:
         if g.n_blocks == 0:
             continue
         launch(_copy_kernel, g, 
-            g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors,
+            *table_args(g),
             DB=TL_BITS[params[g.members[0]].element_size()], BLOCK=BLOCK,
         )  # fmt: skip
