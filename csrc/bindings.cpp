@@ -84,30 +84,30 @@ PYBIND11_MODULE(_C, m) {
     m.attr("COMBINE_OPERANDS") = static_cast<int>(fastclu::kCombineOps);
   }
 
-  m.def("fisher_accumulate", &fastclu::fisher_accumulate, "table"_a, "n_rows"_a, "n_chunks"_a, "scale"_a,
+  m.def("fisher_accumulate", &fastclu::fisher_accumulate, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "scale"_a,
         "scale_ptr"_a, "power"_a, "stream"_a);
-  m.def("ratio_mask", &fastclu::ratio_mask, "table"_a, "n_rows"_a, "n_chunks"_a, "gamma"_a, "gamma_ptr"_a, "eps"_a,
+  m.def("ratio_mask", &fastclu::ratio_mask, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "gamma"_a, "gamma_ptr"_a, "eps"_a,
         "stream"_a);
-  m.def("lerp_sync", &fastclu::lerp_sync, "table"_a, "n_rows"_a, "n_chunks"_a, "beta"_a, "beta_ptr"_a, "stream"_a);
-  m.def("fd_hvp", &fastclu::fd_hvp, "table"_a, "n_rows"_a, "n_chunks"_a, "eps"_a, "eps_ptr"_a, "accumulate"_a,
+  m.def("lerp_sync", &fastclu::lerp_sync, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "beta"_a, "beta_ptr"_a, "stream"_a);
+  m.def("fd_hvp", &fastclu::fd_hvp, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "eps"_a, "eps_ptr"_a, "accumulate"_a,
         "stream"_a);
-  m.def("merge", &fastclu::merge, "table"_a, "n_rows"_a, "n_chunks"_a, "alpha"_a, "alpha_ptr"_a, "stream"_a);
-  m.def("perturb_dir", &fastclu::perturb_dir, "table"_a, "n_rows"_a, "n_chunks"_a, "scale"_a, "scale_ptr"_a,
+  m.def("merge", &fastclu::merge, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "alpha"_a, "alpha_ptr"_a, "stream"_a);
+  m.def("perturb_dir", &fastclu::perturb_dir, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "scale"_a, "scale_ptr"_a,
         "mode"_a, "stream"_a);
-  m.def("row_norms", &fastclu::row_norms, "table"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
-  m.def("perturb_noise", &fastclu::perturb_noise, "table"_a, "n_rows"_a, "n_chunks"_a, "scale"_a, "scale_ptr"_a,
+  m.def("row_norms", &fastclu::row_norms, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
+  m.def("perturb_noise", &fastclu::perturb_noise, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "scale"_a, "scale_ptr"_a,
         "seed"_a, "stream"_a);
-  m.def("gram", &fastclu::gram, "table"_a, "n_rows"_a, "n_chunks"_a, "n_roles"_a, "masked_bits"_a, "partial"_a,
+  m.def("gram", &fastclu::gram, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "n_roles"_a, "masked_bits"_a, "partial"_a,
         "out"_a, "stream"_a);
-  m.def("merge_stats", &fastclu::merge_stats, "table"_a, "n_rows"_a, "n_chunks"_a, "partial"_a, "out"_a,
+  m.def("merge_stats", &fastclu::merge_stats, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "partial"_a, "out"_a,
         "stream"_a);
-  m.def("topk_mask", &fastclu::topk_mask, "table"_a, "n_rows"_a, "n_chunks"_a, "k"_a, "state"_a, "eqcount"_a,
+  m.def("topk_mask", &fastclu::topk_mask, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "k"_a, "state"_a, "eqcount"_a,
         "stream"_a);
   m.def("philox_words", &fastclu::philox_words_host, "seed"_a, "tensor_index"_a, "j"_a,
         "The four Philox 4x32-10 words of element j (host evaluation of the kernels' code).");
   m.def("philox_normal", &fastclu::philox_normal_host, "seed"_a, "tensor_index"_a, "j"_a,
         "The kernels' standard normal for element j, evaluated on the host (libm may differ by an ulp).");
-  m.def("restore_mt", &fastclu::restore_mt, "table"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
+  m.def("restore_mt", &fastclu::restore_mt, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
   m.def(
       "combine_step",
       [](uint64_t table, int n_rows, int64_t n_chunks, const py::dict& config, uint64_t stream) {

@@ -1,10 +1,13 @@
 // Shared pieces of the fastclu CUDA kernels: the multi-tensor table, typed 8-element
 // loads/stores, device scalars, deterministic block reductions and launch checks.
 //
-// The multi-tensor table is a device array of int64 rows, one per non-empty tensor:
-//   [chunk_start, numel, dtype codes (4 bits per operand), tensor index, aux, ptr_0 .. ptr_{K-1}]
+// The multi-tensor table is a device array of int64 rows, one per non-empty tensor, built by
+// fastclu/ops/_table.py (the layout's one description; Triton walks the same rows):
+//   [chunk_start, numel, dtype codes (4 bits per operand), tensor index, aux, rank0, ptr_0 .. ptr_{K-1}]
 // chunk_start is the cumulative number of chunks of the rows before it, so a block finds its
 // tensor for global chunk c by binary search (no per-chunk map, the table stays O(tensors)).
+// A per-step operand (gradients, fresh outputs) holds -(1 + i) in its ptr slot: its address is
+// dyn[i], a small pointer array uploaded apart so that moving gradients never rebuild the table.
 // Each thread handles "octets": 8 consecutive elements, which is also one byte of a bit-packed
 // mask, so masks are read and written a whole byte at a time without atomics.
 #pragma once
@@ -28,7 +31,7 @@ namespace fastclu {
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 8192;  // elements per chunk: 4 rounds of 256 threads x 8 elements
 constexpr int kOctetsPerChunk = static_cast<int>(kChunk / 8);
-constexpr int kRowHeader = 5;
+constexpr int kRowHeader = 6;
 constexpr int kMaxOperands = 16;  // dtype codes are packed 4 bits each into one int64
 
 // kPtr: a pointer that is not an element array (e.g. a per-tensor 0-d step counter).
@@ -36,22 +39,29 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kU8 = 3, kPtr = 14, kNone = 15
 
 struct Table {
   const int64_t* rows;
+  const int64_t* dyn;  // per-step operand addresses (null when the op has none)
   int n_rows;
   int n_ops;
   int64_t n_chunks;
 };
 
+// Address of operand k of a row: in the row, or (negative slot) in the per-step pointer array.
+__device__ __forceinline__ void* row_ptr(const int64_t* row, const int64_t* dyn, int k) {
+  int64_t v = row[kRowHeader + k];
+  if (v < 0) v = dyn[-v - 1];
+  return reinterpret_cast<void*>(static_cast<uintptr_t>(v));
+}
+
 struct Chunk {
   const int64_t* row;
+  const int64_t* dyn;
   int64_t begin;  // first element of this chunk within its tensor
   int64_t numel;  // elements of the whole tensor
   int64_t aux;
   int tidx;  // index of the tensor in the caller's list (empty tensors are not in the table)
   int local;  // chunk index within the tensor (or row index for row tables)
 
-  __device__ __forceinline__ void* ptr(int k) const {
-    return reinterpret_cast<void*>(static_cast<uintptr_t>(row[kRowHeader + k]));
-  }
+  __device__ __forceinline__ void* ptr(int k) const { return row_ptr(row, dyn, k); }
   __device__ __forceinline__ int dtype(int k) const { return static_cast<int>((row[2] >> (4 * k)) & 15); }
 };
 
@@ -64,6 +74,7 @@ __device__ __forceinline__ Chunk locate(const Table& t, int64_t c) {
   }
   Chunk ch;
   ch.row = t.rows + static_cast<int64_t>(lo) * stride;
+  ch.dyn = t.dyn;
   ch.local = static_cast<int>(c - ch.row[0]);
   ch.begin = static_cast<int64_t>(ch.local) * kChunk;
   ch.numel = ch.row[1];
@@ -79,7 +90,7 @@ __device__ __forceinline__ bool all_aligned(const Chunk& ch, int n_ops) {
   for (int k = 0; k < n_ops; ++k) {
     const int dt = ch.dtype(k);
     if (dt == kU8 || dt == kPtr) continue;  // masks are read bytewise, pointers once
-    ok = ok && ((static_cast<uint64_t>(ch.row[kRowHeader + k]) & 15u) == 0);
+    ok = ok && ((reinterpret_cast<uintptr_t>(ch.ptr(k)) & 15u) == 0);
   }
   return ok;
 }
@@ -273,10 +284,16 @@ __global__ void __launch_bounds__(kThreads) mt_kernel(Table t, Op op) {
 
 struct NoCtx {};
 
-inline Table make_table(const char* op, uint64_t rows, int n_rows, int n_ops, int64_t n_chunks) {
+inline Table make_table(const char* op, uint64_t rows, uint64_t dyn, int n_rows, int n_ops, int64_t n_chunks) {
   if (n_ops < 0 || n_ops > kMaxOperands) fail(op, "bad operand count");
   if (n_rows > 0 && rows == 0) fail(op, "null table");
-  return Table{reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(rows)), n_rows, n_ops, n_chunks};
+  return Table{reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(rows)),
+               reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(dyn)), n_rows, n_ops, n_chunks};
+}
+
+// A table without per-step operands.
+inline Table make_table(const char* op, uint64_t rows, int n_rows, int n_ops, int64_t n_chunks) {
+  return make_table(op, rows, 0, n_rows, n_ops, n_chunks);
 }
 
 template <class Op>

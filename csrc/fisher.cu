@@ -28,10 +28,10 @@ struct FisherOp {
 
 }  // namespace
 
-void fisher_accumulate(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int power,
+void fisher_accumulate(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int power,
                        uint64_t stream) {
   const char* op = "fisher_accumulate_";
-  launch_mt(op, make_table(op, table, n_rows, 2, n_chunks), FisherOp{as_scal(scale, scale_ptr), power}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, 2, n_chunks), FisherOp{as_scal(scale, scale_ptr), power}, stream);
 }
 
 }  // namespace fastclu

@@ -46,11 +46,11 @@ struct GramOp {
 
 }  // namespace
 
-void gram(uint64_t table, int n_rows, int64_t n_chunks, int n_roles, unsigned masked_bits, uint64_t partial,
+void gram(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int n_roles, unsigned masked_bits, uint64_t partial,
           uint64_t out, uint64_t stream) {
   const char* op = "gram";
   if (n_roles < 1 || n_roles > 4) fail(op, "n_roles must be in [1, 4]");
-  const Table t = make_table(op, table, n_rows, 5, n_chunks);
+  const Table t = make_table(op, table, dyn, n_rows, 5, n_chunks);
   bool has_mask = masked_bits != 0;
   reduce(op, t, GramOp{n_roles, masked_bits, has_mask}, partial, out, n_roles, stream);
 }

@@ -28,10 +28,10 @@ struct FdHvpOp {
 
 }  // namespace
 
-void fd_hvp(uint64_t table, int n_rows, int64_t n_chunks, double eps, uint64_t eps_ptr, bool accumulate,
+void fd_hvp(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double eps, uint64_t eps_ptr, bool accumulate,
             uint64_t stream) {
   const char* op = "fd_hvp_";
-  launch_mt(op, make_table(op, table, n_rows, 3, n_chunks), FdHvpOp{as_scal(eps, eps_ptr), accumulate}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, 3, n_chunks), FdHvpOp{as_scal(eps, eps_ptr), accumulate}, stream);
 }
 
 }  // namespace fastclu

@@ -26,9 +26,9 @@ struct LerpSyncOp {
 
 }  // namespace
 
-void lerp_sync(uint64_t table, int n_rows, int64_t n_chunks, double beta, uint64_t beta_ptr, uint64_t stream) {
+void lerp_sync(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double beta, uint64_t beta_ptr, uint64_t stream) {
   const char* op = "lerp_sync_";
-  launch_mt(op, make_table(op, table, n_rows, 2, n_chunks), LerpSyncOp{as_scal(beta, beta_ptr)}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, 2, n_chunks), LerpSyncOp{as_scal(beta, beta_ptr)}, stream);
 }
 
 }  // namespace fastclu

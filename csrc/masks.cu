@@ -226,10 +226,10 @@ __global__ void __launch_bounds__(kThreads) write_kernel(Table t, const int64_t*
 
 }  // namespace
 
-void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t state, uint64_t eqcount,
+void topk_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int64_t k, uint64_t state, uint64_t eqcount,
                uint64_t stream) {
   const char* op = "topk_mask";
-  const Table t = make_table(op, table, n_rows, 2, n_chunks);
+  const Table t = make_table(op, table, dyn, n_rows, 2, n_chunks);
   if (n_chunks <= 0) return;
   if (state == 0 || eqcount == 0) fail(op, "null state or eqcount buffer");
   int64_t* st = reinterpret_cast<int64_t*>(static_cast<uintptr_t>(state));
@@ -252,10 +252,10 @@ void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t
   check_launch(op);
 }
 
-void ratio_mask(uint64_t table, int n_rows, int64_t n_chunks, double gamma, uint64_t gamma_ptr, double eps,
+void ratio_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double gamma, uint64_t gamma_ptr, double eps,
                 uint64_t stream) {
   const char* op = "ratio_mask";
-  launch_mt(op, make_table(op, table, n_rows, 3, n_chunks),
+  launch_mt(op, make_table(op, table, dyn, n_rows, 3, n_chunks),
             RatioMaskOp{as_scal(gamma, gamma_ptr), static_cast<float>(eps)}, stream);
 }
 

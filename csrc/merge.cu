@@ -43,14 +43,14 @@ struct MergeStatsOp {
 
 }  // namespace
 
-void merge(uint64_t table, int n_rows, int64_t n_chunks, double alpha, uint64_t alpha_ptr, uint64_t stream) {
+void merge(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double alpha, uint64_t alpha_ptr, uint64_t stream) {
   const char* op = "merge_";
-  launch_mt(op, make_table(op, table, n_rows, 2, n_chunks), MergeOp{as_scal(alpha, alpha_ptr)}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, 2, n_chunks), MergeOp{as_scal(alpha, alpha_ptr)}, stream);
 }
 
-void merge_stats(uint64_t table, int n_rows, int64_t n_chunks, uint64_t partial, uint64_t out, uint64_t stream) {
+void merge_stats(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t partial, uint64_t out, uint64_t stream) {
   const char* op = "merge_stats";
-  reduce(op, make_table(op, table, n_rows, 4, n_chunks), MergeStatsOp{}, partial, out, 0, stream);
+  reduce(op, make_table(op, table, dyn, n_rows, 4, n_chunks), MergeStatsOp{}, partial, out, 0, stream);
 }
 
 }  // namespace fastclu

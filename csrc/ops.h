@@ -15,39 +15,39 @@ int64_t chunk_elements();
 int row_header();
 
 // operands: 0 fisher, 1 grads
-void fisher_accumulate(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int power,
+void fisher_accumulate(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int power,
                        uint64_t stream);
 // operands: 0 f_forget, 1 f_remain, 2 packed mask (out)
-void ratio_mask(uint64_t table, int n_rows, int64_t n_chunks, double gamma, uint64_t gamma_ptr, double eps,
+void ratio_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double gamma, uint64_t gamma_ptr, double eps,
                 uint64_t stream);
 // operands: 0 slow, 1 fast
-void lerp_sync(uint64_t table, int n_rows, int64_t n_chunks, double beta, uint64_t beta_ptr, uint64_t stream);
+void lerp_sync(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double beta, uint64_t beta_ptr, uint64_t stream);
 // operands: 0 out, 1 grads_plus, 2 grads_minus
-void fd_hvp(uint64_t table, int n_rows, int64_t n_chunks, double eps, uint64_t eps_ptr, bool accumulate,
+void fd_hvp(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double eps, uint64_t eps_ptr, bool accumulate,
             uint64_t stream);
 // operands: 0 params, 1 anchor
-void merge(uint64_t table, int n_rows, int64_t n_chunks, double alpha, uint64_t alpha_ptr, uint64_t stream);
+void merge(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double alpha, uint64_t alpha_ptr, uint64_t stream);
 // operands: 0 params, 1 backup (or null), 2 anchor (mode 0) / direction (mode 1)
-void perturb_dir(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int mode,
+void perturb_dir(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int mode,
                  uint64_t stream);
 // Host evaluation of the kernels' Philox stream (for checks without a GPU).
 std::vector<uint32_t> philox_words_host(uint64_t seed, uint32_t tidx, int64_t j);
 float philox_normal_host(uint64_t seed, uint32_t tidx, int64_t j);
 // Row table (chunks are rows, aux = row length): operands 0 params, 1 fp32 norms (out).
-void row_norms(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream);
+void row_norms(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t stream);
 // operands: 0 params, 1 backup (or null), 2 fp32 row norms; aux = row length
-void perturb_noise(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, uint64_t seed,
+void perturb_noise(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, uint64_t seed,
                    uint64_t stream);
 // operands: 0..3 role grads, 4 mask (or null). partial: fp64 [n_chunks * 10]; out fp32 [R, R].
-void gram(uint64_t table, int n_rows, int64_t n_chunks, int n_roles, unsigned masked_bits, uint64_t partial,
+void gram(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int n_roles, unsigned masked_bits, uint64_t partial,
           uint64_t out, uint64_t stream);
 // operands: 0 params, 1 anchor, 2 fisher_sum, 3 fisher_theta_sum. partial fp64 [n_chunks * 2]; out fp32 [2].
-void merge_stats(uint64_t table, int n_rows, int64_t n_chunks, uint64_t partial, uint64_t out, uint64_t stream);
+void merge_stats(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t partial, uint64_t out, uint64_t stream);
 // topk: state is an int64 [4 + 256] device buffer; eqcount int64 [n_chunks]. operands 0 scores, 1 mask (out).
-void topk_mask(uint64_t table, int n_rows, int64_t n_chunks, int64_t k, uint64_t state, uint64_t eqcount,
+void topk_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int64_t k, uint64_t state, uint64_t eqcount,
                uint64_t stream);
 // operands: 0 params (out), 1 backup; same dtype (fp32/fp16/bf16): one launch for every tensor.
-void restore_mt(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream);
+void restore_mt(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t stream);
 
 struct CombineConfig {
   bool adamw = false;

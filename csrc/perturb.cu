@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(Table t) {
     const int64_t* row = t.rows + static_cast<int64_t>(lo) * stride;
     const int64_t r = c - row[0], n = row[4];
     const int dt = static_cast<int>(row[2] & 15);
-    const void* base = reinterpret_cast<const void*>(static_cast<uintptr_t>(row[kRowHeader]));
+    const void* base = row_ptr(row, t.dyn, 0);
     double acc = 0.0;
     for (int64_t e = threadIdx.x; e < n; e += kThreads) {
       float v[8];
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(Table t) {
     }
     acc = block_sum(acc, sh);
     if (threadIdx.x == 0) {
-      float* out = reinterpret_cast<float*>(static_cast<uintptr_t>(row[kRowHeader + 1]));
+      float* out = static_cast<float*>(row_ptr(row, t.dyn, 1));
       out[r] = static_cast<float>(sqrt(acc));
     }
   }
@@ -102,29 +102,29 @@ std::vector<uint32_t> philox_words_host(uint64_t seed, uint32_t tidx, int64_t j)
 
 float philox_normal_host(uint64_t seed, uint32_t tidx, int64_t j) { return philox_normal(seed, tidx, j); }
 
-void perturb_dir(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int mode,
+void perturb_dir(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int mode,
                  uint64_t stream) {
   const char* op = "perturb_";
-  launch_mt(op, make_table(op, table, n_rows, 3, n_chunks), PerturbDirOp{as_scal(scale, scale_ptr), mode}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, 3, n_chunks), PerturbDirOp{as_scal(scale, scale_ptr), mode}, stream);
 }
 
-void perturb_noise(uint64_t table, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, uint64_t seed,
+void perturb_noise(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, uint64_t seed,
                    uint64_t stream) {
   const char* op = "perturb_";
-  launch_mt(op, make_table(op, table, n_rows, 3, n_chunks), PerturbNoiseOp{as_scal(scale, scale_ptr), seed}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, 3, n_chunks), PerturbNoiseOp{as_scal(scale, scale_ptr), seed}, stream);
 }
 
-void row_norms(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream) {
+void row_norms(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t stream) {
   const char* op = "perturb_ (row norms)";
-  const Table t = make_table(op, table, n_rows, 2, n_chunks);
+  const Table t = make_table(op, table, dyn, n_rows, 2, n_chunks);
   if (n_chunks <= 0) return;
   FASTCLU_LAUNCH(row_norms_kernel, grid_for(op, n_chunks), kThreads, 0, as_stream(stream))(t);
   check_launch(op);
 }
 
-void restore_mt(uint64_t table, int n_rows, int64_t n_chunks, uint64_t stream) {
+void restore_mt(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t stream) {
   const char* op = "restore_";
-  launch_mt(op, make_table(op, table, n_rows, 2, n_chunks), CopyOp{}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, 2, n_chunks), CopyOp{}, stream);
 }
 
 }  // namespace fastclu

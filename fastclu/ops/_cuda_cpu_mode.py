@@ -112,14 +112,14 @@ def build_table(
     units: Sequence[int] | None = None,
     aux: Sequence[int] | None = None,
     pointer_operands: Sequence[int] = (),
+    dynamic: Sequence[int] = (),
 ):
-    """The wrappers' table, in host memory, built afresh for every call (no cache, no upload)."""
-    from fastclu.ops.cuda._launch import Table, table_rows
+    """The wrappers' table in host memory: the same builder and cache as on a GPU (the tables'
+    build and pointer-upload counts are those of a GPU run)."""
+    from fastclu.ops.cuda._launch import table_on
 
-    rows, n_rows, n_chunks = table_rows(op, operands, units=units, aux=aux, pointer_operands=pointer_operands)
-    if n_rows == 0:
-        return Table(None, 0, 0)
-    return Table(torch.tensor(rows, dtype=torch.int64), n_rows, n_chunks)
+    return table_on(op, operands, torch.device("cpu"), units=units, aux=aux, pointer_operands=pointer_operands,
+                    dynamic=dynamic)  # fmt: skip
 
 
 # Every tensor is on the CPU here, so the wrapper cannot tell a GPU run's "device" step counters

@@ -21,6 +21,6 @@ def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], scale: Scalar,
     require_cuda(op, "grads", grads)
     dev = fisher[0].device
     with on_device(dev):
-        t = build_table(op, [fisher, grads], dev)
+        t = build_table(op, [fisher, grads], dev, dynamic=(1,))
         s = scalar(scale, dev)
-        _C.fisher_accumulate(t.ptr, t.n_rows, t.n_chunks, s.value, s.ptr, int(power), stream_of(dev))
+        _C.fisher_accumulate(*t.args, s.value, s.ptr, int(power), stream_of(dev))

@@ -32,8 +32,8 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     bits = sum(1 << r for r, f in enumerate(masked) if f) if mask is not None else 0
     roles: list[list[Tensor] | None] = [grads[r] if r < n_roles else None for r in range(4)]
     with on_device(dev):
-        t = build_table(op, [*roles, mask if bits else None], dev)
+        t = build_table(op, [*roles, mask if bits else None], dev, dynamic=range(4))
         partial = _launch.alloc(max(t.n_chunks, 1) * _GRAM_PAIRS, torch.float64, dev)
         out = _launch.alloc((n_roles, n_roles), torch.float32, dev)
-        _C.gram(t.ptr, t.n_rows, t.n_chunks, n_roles, bits, partial.data_ptr(), out.data_ptr(), stream_of(dev))
+        _C.gram(*t.args, n_roles, bits, partial.data_ptr(), out.data_ptr(), stream_of(dev))
     return out

@@ -23,6 +23,6 @@ def fd_hvp_(
         require_cuda(op, name, xs)
     dev = out[0].device
     with on_device(dev):
-        t = build_table(op, [out, grads_plus, grads_minus], dev)
+        t = build_table(op, [out, grads_plus, grads_minus], dev, dynamic=(1, 2))
         e = scalar(eps, dev)
-        _C.fd_hvp(t.ptr, t.n_rows, t.n_chunks, e.value, e.ptr, bool(accumulate), stream_of(dev))
+        _C.fd_hvp(*t.args, e.value, e.ptr, bool(accumulate), stream_of(dev))

@@ -23,4 +23,4 @@ def lerp_sync_(slow: list[Tensor], fast: list[Tensor], beta: Scalar) -> None:
     with on_device(dev):
         t = build_table(op, [slow, fast], dev)
         b = scalar(beta, dev)
-        _C.lerp_sync(t.ptr, t.n_rows, t.n_chunks, b.value, b.ptr, stream_of(dev))
+        _C.lerp_sync(*t.args, b.value, b.ptr, stream_of(dev))

@@ -25,9 +25,9 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: Scalar, *,
     dev = f_forget[0].device
     with on_device(dev):
         out = [_launch.alloc(packed_numel(f.numel()), torch.uint8, dev) for f in f_forget]
-        t = build_table(op, [f_forget, f_remain, out], dev)
+        t = build_table(op, [f_forget, f_remain, out], dev, dynamic=(2,))
         g = scalar(gamma, dev)
-        _C.ratio_mask(t.ptr, t.n_rows, t.n_chunks, g.value, g.ptr, float(eps), stream_of(dev))
+        _C.ratio_mask(*t.args, g.value, g.ptr, float(eps), stream_of(dev))
     return out
 
 
@@ -48,12 +48,12 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
         if k == 0:
             return [torch.zeros(packed_numel(s.numel()), dtype=torch.uint8, device=dev) for s in scores]
         out = [_launch.alloc(packed_numel(s.numel()), torch.uint8, dev) for s in scores]
-        t = build_table(op, [scores, out], dev)
+        t = build_table(op, [scores, out], dev, dynamic=(0, 1))
         if t.n_chunks == 0:
             return out
         state = _launch.alloc(4 + 256, torch.int64, dev)
         eqcount = _launch.alloc(max(t.n_chunks, 1), torch.int64, dev)
-        _C.topk_mask(t.ptr, t.n_rows, t.n_chunks, int(k), state.data_ptr(), eqcount.data_ptr(), stream_of(dev))
+        _C.topk_mask(*t.args, int(k), state.data_ptr(), eqcount.data_ptr(), stream_of(dev))
         if int(state[3]) != 0:  # the kernels flag NaN keys; the user's tensors are untouched
             i = next(j for j, s in enumerate(scores) if s.numel() and bool(torch.isnan(s).any()))
             raise ValueError(f"scores[{i}] contains NaN (topk_mask needs totally ordered scores)")

@@ -25,7 +25,7 @@ def merge_(params: list[Tensor], anchor: list[Tensor], alpha: Scalar) -> None:
     with on_device(dev):
         t = build_table(op, [params, anchor], dev)
         a = scalar(alpha, dev)
-        _C.merge(t.ptr, t.n_rows, t.n_chunks, a.value, a.ptr, stream_of(dev))
+        _C.merge(*t.args, a.value, a.ptr, stream_of(dev))
 
 
 @register("merge_stats", "cuda")
@@ -45,5 +45,5 @@ def merge_stats(
         t = build_table(op, [params, anchor, fisher_sum, fisher_theta_sum], dev)
         partial = _launch.alloc(max(t.n_chunks, 1) * 2, torch.float64, dev)
         out = _launch.alloc(2, torch.float32, dev)
-        _C.merge_stats(t.ptr, t.n_rows, t.n_chunks, partial.data_ptr(), out.data_ptr(), stream_of(dev))
+        _C.merge_stats(*t.args, partial.data_ptr(), out.data_ptr(), stream_of(dev))
     return out[0], out[1]

@@ -45,8 +45,8 @@ def perturb_(
         stream = stream_of(dev)
         if seed is None:
             src = anchor if anchor is not None else direction
-            t = build_table(op, [params, backup, src], dev)
-            _C.perturb_dir(t.ptr, t.n_rows, t.n_chunks, s.value, s.ptr, 0 if anchor is not None else 1, stream)
+            t = build_table(op, [params, backup, src], dev, dynamic=(1, 2))
+            _C.perturb_dir(*t.args, s.value, s.ptr, 0 if anchor is not None else 1, stream)
             return None
         rows = [_rows(p) for p in params]
         lengths = [p.numel() // r if r else 0 for p, r in zip(params, rows)]
@@ -56,12 +56,12 @@ def perturb_(
                 _launch.alloc(r, torch.float32, dev) if p.numel() else torch.zeros(r, dtype=torch.float32, device=dev)
                 for p, r in zip(params, rows)
             ]
-            rt = build_table(op, [params, norms], dev, units=rows, aux=lengths)
-            _C.row_norms(rt.ptr, rt.n_rows, rt.n_chunks, stream)
+            rt = build_table(op, [params, norms], dev, units=rows, aux=lengths, dynamic=(1,))
+            _C.row_norms(*rt.args, stream)
         else:
             norms = [r.reshape(-1).to(device=dev, dtype=torch.float32).contiguous() for r in row_norms]
-        t = build_table(op, [params, backup, norms], dev, aux=lengths)
-        _C.perturb_noise(t.ptr, t.n_rows, t.n_chunks, s.value, s.ptr, int(seed), stream)
+        t = build_table(op, [params, backup, norms], dev, aux=lengths, dynamic=(1, 2))
+        _C.perturb_noise(*t.args, s.value, s.ptr, int(seed), stream)
         return norms
 
 
@@ -75,5 +75,5 @@ def restore_(params: list[Tensor], backup: list[Tensor]) -> None:
     require_cuda(op, "backup", backup)
     dev = params[0].device
     with on_device(dev):
-        t = build_table(op, [params, backup], dev)
-        _C.restore_mt(t.ptr, t.n_rows, t.n_chunks, stream_of(dev))
+        t = build_table(op, [params, backup], dev, dynamic=(1,))
+        _C.restore_mt(*t.args, stream_of(dev))
