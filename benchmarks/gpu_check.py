@@ -394,12 +394,22 @@ def cmd_steps(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # rebuilds: count multi-tensor table builds over real training steps
 # --------------------------------------------------------------------------------------------
-# Where a table is built on a cache miss, per backend (module, function). The op-layer redesign
-# may move these: a missing one is reported, not guessed.
+# Where a table is built on a cache miss, per backend (module, function): both backends share
+# fastclu.ops._table, whose stats() also counts hits and per-step pointer uploads. A missing
+# builder is reported, not guessed.
 TABLE_BUILDERS = {
-    "triton": [("fastclu.ops.triton._multitensor", "_build")],
-    "cuda": [("fastclu.ops.cuda._launch", "_rows_of")],
+    "triton": [("fastclu.ops._table", "_build")],
+    "cuda": [("fastclu.ops._table", "_build")],
 }
+
+
+def table_stats() -> dict[str, int] | None:
+    """``fastclu.ops._table.stats()`` (builds, hits, pointer_uploads), or None where it is absent."""
+    try:
+        from fastclu.ops import _table
+    except ImportError:
+        return None
+    return _table.stats() if hasattr(_table, "stats") else None
 
 
 @contextlib.contextmanager
@@ -463,11 +473,15 @@ def training_run(backend: str, steps: int, device: Any, stash_every: int = 5) ->
     warm = 2 * stash_every  # both kinds of step seen twice before counting
     for t in range(warm):
         one(t)
+    before = table_stats()
     with count_calls(TABLE_BUILDERS[backend]) as counts:
         for t in range(warm, warm + steps):
             one(t)
+    after = table_stats()
+    delta = None if before is None or after is None else {k: after[k] - before[k] for k in after}
     return {"backend": backend, "steps": steps, "warmup_steps": warm, "stash_every": stash_every,
-            "table_builds": counts, "found_builder": any(v >= 0 for v in counts.values())}  # fmt: skip
+            "table_builds": counts, "found_builder": any(v >= 0 for v in counts.values()),
+            "table_stats": delta}  # fmt: skip
 
 
 def cmd_rebuilds(args: argparse.Namespace) -> int:
@@ -481,7 +495,8 @@ def cmd_rebuilds(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 -- the other backend still gets counted
             rows.append({"backend": b, "error": f"{type(e).__name__}: {e}"[:500]})
     doc = {"schema": SCHEMA, "kind": "rebuilds", "device": str(dev), "rows": rows,
-           "note": "table builds (cache misses) after warm-up; the target is 0 (issue 12)"}  # fmt: skip
+           "note": "table builds (cache misses) after warm-up; the target is 0 (issue 12); table_stats: "
+                   "builds / hits / per-step pointer uploads of fastclu.ops._table over the counted steps"}  # fmt: skip
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
     return 0 if all("error" not in r for r in rows) else 1

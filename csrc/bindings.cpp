@@ -83,6 +83,35 @@ PYBIND11_MODULE(_C, m) {
     m.attr("COMBINE_ROWS") = rows;
     m.attr("COMBINE_OPERANDS") = static_cast<int>(fastclu::kCombineOps);
   }
+  {
+    using namespace fastclu;
+    py::dict tables, counts;  // every other table's operand rows (names as in fastclu/ops/tables.py)
+    auto add = [&](const char* name, std::initializer_list<std::pair<const char*, int>> rows, int n_ops) {
+      py::dict d;
+      for (const auto& r : rows) d[r.first] = r.second;
+      tables[name] = d;
+      counts[name] = n_ops;
+    };
+    add("fisher_accumulate", {{"fisher", FisherRows::kFisher}, {"grad", FisherRows::kGrad}}, FisherRows::kOps);
+    add("ratio_mask", {{"f_forget", RatioRows::kFForget}, {"f_remain", RatioRows::kFRemain}, {"out", RatioRows::kOut}},
+        RatioRows::kOps);
+    add("topk_mask", {{"scores", TopkRows::kScores}, {"out", TopkRows::kOut}}, TopkRows::kOps);
+    add("lerp_sync", {{"slow", LerpRows::kSlow}, {"fast", LerpRows::kFast}}, LerpRows::kOps);
+    add("fd_hvp", {{"out", HvpRows::kOut}, {"grad_plus", HvpRows::kGradPlus}, {"grad_minus", HvpRows::kGradMinus}},
+        HvpRows::kOps);
+    add("merge", {{"param", MergeRows::kParam}, {"anchor", MergeRows::kAnchor}}, MergeRows::kOps);
+    add("merge_stats",
+        {{"param", MergeStatsRows::kParam}, {"anchor", MergeStatsRows::kAnchor},
+         {"fisher_sum", MergeStatsRows::kFisherSum}, {"fisher_theta_sum", MergeStatsRows::kFisherThetaSum}},
+        MergeStatsRows::kOps);
+    add("perturb", {{"param", PerturbRows::kParam}, {"backup", PerturbRows::kBackup}, {"source", PerturbRows::kSource}},
+        PerturbRows::kOps);
+    add("row_norms", {{"param", RowNormRows::kParam}, {"norms", RowNormRows::kNorms}}, RowNormRows::kOps);
+    add("gram", {{"grad0", GramRows::kGrad0}, {"mask", GramRows::kMask}}, GramRows::kOps);
+    add("restore", {{"param", RestoreRows::kParam}, {"backup", RestoreRows::kBackup}}, RestoreRows::kOps);
+    m.attr("TABLE_ROWS") = tables;
+    m.attr("TABLE_OPERANDS") = counts;
+  }
 
   m.def("fisher_accumulate", &fastclu::fisher_accumulate, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "scale"_a,
         "scale_ptr"_a, "power"_a, "stream"_a);

@@ -16,11 +16,11 @@ struct GramOp {
   bool has_mask;
   __device__ void accumulate(const Chunk& ch, int64_t j, int cnt, bool vec, double acc[P]) const {
     float g[4][8];
-    const unsigned mbyte = has_mask ? load_mask_byte(ch.ptr(4), j) : 0xffu;
+    const unsigned mbyte = has_mask ? load_mask_byte(ch.ptr(GramRows::kMask), j) : 0xffu;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       if (r < n_roles) {
-        load8(ch.ptr(r), ch.dtype(r), j, cnt, vec, g[r]);
+        load8(ch.ptr(GramRows::kGrad0 + r), ch.dtype(GramRows::kGrad0 + r), j, cnt, vec, g[r]);
         if ((masked_bits >> r) & 1u) {
 #pragma unroll
           for (int k = 0; k < 8; ++k) g[r][k] = ((mbyte >> k) & 1u) ? g[r][k] : 0.f;
@@ -50,7 +50,7 @@ void gram(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int n_role
           uint64_t out, uint64_t stream) {
   const char* op = "gram";
   if (n_roles < 1 || n_roles > 4) fail(op, "n_roles must be in [1, 4]");
-  const Table t = make_table(op, table, dyn, n_rows, 5, n_chunks);
+  const Table t = make_table(op, table, dyn, n_rows, GramRows::kOps, n_chunks);
   bool has_mask = masked_bits != 0;
   reduce(op, t, GramOp{n_roles, masked_bits, has_mask}, partial, out, n_roles, stream);
 }

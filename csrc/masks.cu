@@ -20,8 +20,8 @@ struct RatioMaskOp {
   __device__ Ctx prepare(const Chunk&) const { return {}; }
   __device__ void operator()(const Chunk& ch, Ctx, int64_t j, int cnt, bool vec) const {
     float a[8], b[8];
-    load8(ch.ptr(0), ch.dtype(0), j, cnt, vec, a);
-    load8(ch.ptr(1), ch.dtype(1), j, cnt, vec, b);
+    load8(ch.ptr(RatioRows::kFForget), ch.dtype(RatioRows::kFForget), j, cnt, vec, a);
+    load8(ch.ptr(RatioRows::kFRemain), ch.dtype(RatioRows::kFRemain), j, cnt, vec, b);
     const float gm = gamma.get();
     unsigned byte = 0;
 #pragma unroll
@@ -29,7 +29,7 @@ struct RatioMaskOp {
       const bool keep = k < cnt && __fadd_rn(a[k], eps) >= __fmul_rn(gm, __fadd_rn(b[k], eps));  // padding bits 0
       byte |= static_cast<unsigned>(keep) << k;
     }
-    static_cast<uint8_t*>(ch.ptr(2))[j >> 3] = static_cast<uint8_t>(byte);
+    static_cast<uint8_t*>(ch.ptr(RatioRows::kOut))[j >> 3] = static_cast<uint8_t>(byte);
   }
 };
 
@@ -46,7 +46,7 @@ __device__ __forceinline__ uint32_t ordered_key(float f) {
 
 __device__ __forceinline__ unsigned keys8(const Chunk& ch, int64_t j, int cnt, bool vec, uint32_t key[8]) {
   float v[8];
-  load8(ch.ptr(0), ch.dtype(0), j, cnt, vec, v);
+  load8(ch.ptr(TopkRows::kScores), ch.dtype(TopkRows::kScores), j, cnt, vec, v);
 #pragma unroll
   for (int k = 0; k < 8; ++k) key[k] = ordered_key(v[k]);
   return cnt >= 8 ? 0xffu : ((1u << cnt) - 1u);
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) write_kernel(Table t, const int64_t*
             ++rank;
           }
         }
-        static_cast<uint8_t*>(ch.ptr(1))[j >> 3] = static_cast<uint8_t>(byte);
+        static_cast<uint8_t*>(ch.ptr(TopkRows::kOut))[j >> 3] = static_cast<uint8_t>(byte);
       }
       run += total;
     }
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) write_kernel(Table t, const int64_t*
 void topk_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int64_t k, uint64_t state, uint64_t eqcount,
                uint64_t stream) {
   const char* op = "topk_mask";
-  const Table t = make_table(op, table, dyn, n_rows, 2, n_chunks);
+  const Table t = make_table(op, table, dyn, n_rows, TopkRows::kOps, n_chunks);
   if (n_chunks <= 0) return;
   if (state == 0 || eqcount == 0) fail(op, "null state or eqcount buffer");
   int64_t* st = reinterpret_cast<int64_t*>(static_cast<uintptr_t>(state));
@@ -255,7 +255,7 @@ void topk_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int64
 void ratio_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double gamma, uint64_t gamma_ptr, double eps,
                 uint64_t stream) {
   const char* op = "ratio_mask";
-  launch_mt(op, make_table(op, table, dyn, n_rows, 3, n_chunks),
+  launch_mt(op, make_table(op, table, dyn, n_rows, RatioRows::kOps, n_chunks),
             RatioMaskOp{as_scal(gamma, gamma_ptr), static_cast<float>(eps)}, stream);
 }
 

@@ -49,6 +49,20 @@ void topk_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int64
 // operands: 0 params (out), 1 backup; same dtype (fp32/fp16/bf16): one launch for every tensor.
 void restore_mt(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t stream);
 
+// Operand rows of every other table, named once: the same names and numbers as the enums of
+// fastclu/ops/tables.py (checked by tests/ops/test_tables.py through fastclu._C.TABLE_ROWS).
+struct FisherRows { enum : int { kFisher = 0, kGrad = 1, kOps = 2 }; };
+struct RatioRows { enum : int { kFForget = 0, kFRemain = 1, kOut = 2, kOps = 3 }; };
+struct TopkRows { enum : int { kScores = 0, kOut = 1, kOps = 2 }; };
+struct LerpRows { enum : int { kSlow = 0, kFast = 1, kOps = 2 }; };
+struct HvpRows { enum : int { kOut = 0, kGradPlus = 1, kGradMinus = 2, kOps = 3 }; };
+struct MergeRows { enum : int { kParam = 0, kAnchor = 1, kOps = 2 }; };
+struct MergeStatsRows { enum : int { kParam = 0, kAnchor = 1, kFisherSum = 2, kFisherThetaSum = 3, kOps = 4 }; };
+struct PerturbRows { enum : int { kParam = 0, kBackup = 1, kSource = 2, kOps = 3 }; };  // source: anchor/direction/norms
+struct RowNormRows { enum : int { kParam = 0, kNorms = 1, kOps = 2 }; };
+struct GramRows { enum : int { kGrad0 = 0, kMask = 4, kOps = 5 }; };  // role r at kGrad0 + r
+struct RestoreRows { enum : int { kParam = 0, kBackup = 1, kOps = 2 }; };
+
 struct CombineConfig {
   bool adamw = false;
   int n_roles = 1;

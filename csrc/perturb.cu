@@ -15,16 +15,16 @@ struct PerturbDirOp {
   __device__ Ctx prepare(const Chunk&) const { return {}; }
   __device__ void operator()(const Chunk& ch, Ctx, int64_t j, int cnt, bool vec) const {
     float p[8], d[8];
-    load8(ch.ptr(0), ch.dtype(0), j, cnt, vec, p);
-    if (ch.ptr(1)) copy8(ch.ptr(1), ch.ptr(0), ch.dtype(0), j, cnt, vec);  // same dtype (checked by the op)
-    load8(ch.ptr(2), ch.dtype(2), j, cnt, vec, d);
+    load8(ch.ptr(PerturbRows::kParam), ch.dtype(PerturbRows::kParam), j, cnt, vec, p);
+    if (ch.ptr(PerturbRows::kBackup)) copy8(ch.ptr(PerturbRows::kBackup), ch.ptr(PerturbRows::kParam), ch.dtype(PerturbRows::kParam), j, cnt, vec);  // same dtype (checked by the op)
+    load8(ch.ptr(PerturbRows::kSource), ch.dtype(PerturbRows::kSource), j, cnt, vec, d);
     const float s = scale.get();
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const float dk = mode == 0 ? __fsub_rn(p[k], d[k]) : d[k];
       p[k] = __fadd_rn(p[k], __fmul_rn(s, dk));
     }
-    store8(ch.ptr(0), ch.dtype(0), j, cnt, vec, p);
+    store8(ch.ptr(PerturbRows::kParam), ch.dtype(PerturbRows::kParam), j, cnt, vec, p);
   }
 };
 
@@ -37,9 +37,9 @@ struct PerturbNoiseOp {
   __device__ Ctx prepare(const Chunk& ch) const { return {static_cast<float>(sqrt(static_cast<double>(ch.aux)))}; }
   __device__ void operator()(const Chunk& ch, Ctx ctx, int64_t j, int cnt, bool vec) const {
     float p[8];
-    load8(ch.ptr(0), ch.dtype(0), j, cnt, vec, p);
-    if (ch.ptr(1)) copy8(ch.ptr(1), ch.ptr(0), ch.dtype(0), j, cnt, vec);
-    const float* norms = static_cast<const float*>(ch.ptr(2));
+    load8(ch.ptr(PerturbRows::kParam), ch.dtype(PerturbRows::kParam), j, cnt, vec, p);
+    if (ch.ptr(PerturbRows::kBackup)) copy8(ch.ptr(PerturbRows::kBackup), ch.ptr(PerturbRows::kParam), ch.dtype(PerturbRows::kParam), j, cnt, vec);
+    const float* norms = static_cast<const float*>(ch.ptr(PerturbRows::kSource));
     const float s = scale.get();
     const int64_t n = ch.aux;
 #pragma unroll
@@ -50,7 +50,7 @@ struct PerturbNoiseOp {
       const float d = __fmul_rn(philox_normal(seed, static_cast<uint32_t>(ch.tidx), e), sigma);
       p[k] = __fadd_rn(p[k], __fmul_rn(s, d));
     }
-    store8(ch.ptr(0), ch.dtype(0), j, cnt, vec, p);
+    store8(ch.ptr(PerturbRows::kParam), ch.dtype(PerturbRows::kParam), j, cnt, vec, p);
   }
 };
 
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(Table t) {
     const int64_t* row = t.rows + static_cast<int64_t>(lo) * stride;
     const int64_t r = c - row[0], n = row[4];
     const int dt = static_cast<int>(row[2] & 15);
-    const void* base = row_ptr(row, t.dyn, 0);
+    const void* base = row_ptr(row, t.dyn, RowNormRows::kParam);
     double acc = 0.0;
     for (int64_t e = threadIdx.x; e < n; e += kThreads) {
       float v[8];
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) row_norms_kernel(Table t) {
     }
     acc = block_sum(acc, sh);
     if (threadIdx.x == 0) {
-      float* out = static_cast<float*>(row_ptr(row, t.dyn, 1));
+      float* out = static_cast<float*>(row_ptr(row, t.dyn, RowNormRows::kNorms));
       out[r] = static_cast<float>(sqrt(acc));
     }
   }
@@ -88,7 +88,7 @@ struct CopyOp {
   using Ctx = NoCtx;
   __device__ Ctx prepare(const Chunk&) const { return {}; }
   __device__ void operator()(const Chunk& ch, Ctx, int64_t j, int cnt, bool vec) const {
-    copy8(ch.ptr(0), ch.ptr(1), ch.dtype(0), j, cnt, vec);
+    copy8(ch.ptr(RestoreRows::kParam), ch.ptr(RestoreRows::kBackup), ch.dtype(RestoreRows::kParam), j, cnt, vec);
   }
 };
 
@@ -105,18 +105,18 @@ float philox_normal_host(uint64_t seed, uint32_t tidx, int64_t j) { return philo
 void perturb_dir(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, int mode,
                  uint64_t stream) {
   const char* op = "perturb_";
-  launch_mt(op, make_table(op, table, dyn, n_rows, 3, n_chunks), PerturbDirOp{as_scal(scale, scale_ptr), mode}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, PerturbRows::kOps, n_chunks), PerturbDirOp{as_scal(scale, scale_ptr), mode}, stream);
 }
 
 void perturb_noise(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, double scale, uint64_t scale_ptr, uint64_t seed,
                    uint64_t stream) {
   const char* op = "perturb_";
-  launch_mt(op, make_table(op, table, dyn, n_rows, 3, n_chunks), PerturbNoiseOp{as_scal(scale, scale_ptr), seed}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, PerturbRows::kOps, n_chunks), PerturbNoiseOp{as_scal(scale, scale_ptr), seed}, stream);
 }
 
 void row_norms(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t stream) {
   const char* op = "perturb_ (row norms)";
-  const Table t = make_table(op, table, dyn, n_rows, 2, n_chunks);
+  const Table t = make_table(op, table, dyn, n_rows, RowNormRows::kOps, n_chunks);
   if (n_chunks <= 0) return;
   FASTCLU_LAUNCH(row_norms_kernel, grid_for(op, n_chunks), kThreads, 0, as_stream(stream))(t);
   check_launch(op);
@@ -124,7 +124,7 @@ void row_norms(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint6
 
 void restore_mt(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t stream) {
   const char* op = "restore_";
-  launch_mt(op, make_table(op, table, dyn, n_rows, 2, n_chunks), CopyOp{}, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, RestoreRows::kOps, n_chunks), CopyOp{}, stream);
 }
 
 }  // namespace fastclu

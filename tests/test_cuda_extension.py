@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from fastclu import _registry, ops
+from fastclu.ops._table import HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
@@ -121,7 +122,7 @@ def test_table_rows_layout(cuda_backend: ModuleType) -> None:
     b = [torch.randn(n).to(torch.bfloat16) for n in sizes]
     steps = [torch.zeros(()) for _ in sizes]
     rows, n_rows, n_chunks = table_rows("t", [a, None, b, steps], pointer_operands=(3,))
-    width = 5 + 4
+    width = HEADER + 4
     assert n_rows == 4 and len(rows) == n_rows * width  # the empty tensor has no row
     assert n_chunks == 1 + 2 + 2 + 1
     starts, idx = [], []
@@ -133,7 +134,8 @@ def test_table_rows_layout(cuda_backend: ModuleType) -> None:
         assert row[1] == sizes[t]
         codes = [(row[2] >> (4 * k)) & 15 for k in range(4)]
         assert codes == [DTYPE_CODES[torch.float32], CODE_NONE, DTYPE_CODES[torch.bfloat16], CODE_PTR]
-        assert row[5:] == [a[t].data_ptr(), 0, b[t].data_ptr(), steps[t].data_ptr()]
+        assert row[HEADER:] == [a[t].data_ptr(), 0, b[t].data_ptr(), steps[t].data_ptr()]
+        assert row[5] == row[0]  # rank0: one table, list order
     assert idx == [0, 2, 3, 4] and starts == [0, 1, 3, 5]
     rows, _, n = table_rows("t", [a], units=[7, 1, 2, 3, 4], aux=[9, 9, 9, 9, 9])
     assert n == 7 + 2 + 3 + 4 and rows[4] == 9
@@ -190,6 +192,14 @@ def test_public_op_names_the_missing_device(cuda_backend: ModuleType) -> None:
 
 # --- host side of the wrappers, without a GPU: what crosses the pybind11 boundary ---------------
 
+# Table arguments of an entry point: (table, dyn, n_rows, n_chunks); combine_step has no dyn yet.
+_T = 4
+
+
+def _table_args(name: str) -> int:
+    return 3 if name == "combine_step" else _T
+
+
 # Operand order of every table, as csrc/ops.h documents it (the kernels index operands by position).
 _LAYOUT = {
     "fisher_accumulate": ["fisher", "grads"],
@@ -222,7 +232,7 @@ class _Recorder:
         self.tables: list[tuple[str, list, tuple]] = []  # (op, operands, (rows, n_rows, n_chunks))
         self.calls: list[tuple[str, tuple, list | None]] = []  # (entry point, args, operands of its table)
 
-    def build_table(self, op, operands, device, *, units=None, aux=None, pointer_operands=()):
+    def build_table(self, op, operands, device, *, units=None, aux=None, pointer_operands=(), dynamic=()):
         from fastclu.ops.cuda._launch import Table, table_rows
 
         content = table_rows(op, operands, units=units, aux=aux, pointer_operands=pointer_operands)
@@ -238,7 +248,8 @@ class _Recorder:
             assert len(args) == n_params, f"{name} called with {len(args)} arguments, binding takes {n_params}"
             self.calls.append((name, args, self.tables[-1][1] if name in _LAYOUT and self.tables else None))
             if name in _NOOP_WHEN_EMPTY:
-                real(0, 0, 0, *args[3:])  # converts every argument; an empty table launches nothing
+                n = _table_args(name)
+                real(*[0] * n, *args[n:])  # converts every argument; an empty table launches nothing
             elif name == "restore":
                 real(args[0], args[1], [0] * len(args[2]), args[3])  # zero bytes: no copy
 
@@ -306,8 +317,8 @@ def test_wrappers_pass_operands_in_kernel_order(recorder: _Recorder) -> None:
         args, got = calls[name]
         assert len(got) == len(_LAYOUT[name]) and all(_same(a, b) for a, b in zip(got, operands)), name
         if tail is not None:
-            assert args[3:] == tail, f"{name}: {args[3:]} != {tail}"
-    assert calls["gram"][0][3:5] == (3, 0b110)  # n_roles, masked roles as bits
+            assert args[_T:] == tail, f"{name}: {args[_T:]} != {tail}"
+    assert calls["gram"][0][_T : _T + 2] == (3, 0b110)  # n_roles, masked roles as bits
     # fp64 has no kernel dtype code: fastclu.ops routes fp64 lists to the reference (the one place
     # fp64 is decided), so the wrapper's old per-tensor copy path is gone; called directly, the
     # wrapper refuses fp64 with a clear error instead of launching
@@ -318,12 +329,12 @@ def test_wrappers_pass_operands_in_kernel_order(recorder: _Recorder) -> None:
     assert len(recorder.calls) == n_calls
     # both direction modes: mode 0 reads the anchor (task vector), mode 1 the direction
     dirs = [(args, ops_) for name, args, ops_ in recorder.calls if name == "perturb_dir"]
-    assert _same(dirs[0][1][1], s) and _same(dirs[0][1][2], q) and dirs[0][0][5] == 0
-    assert dirs[1][1][1] is None and _same(dirs[1][1][2], r) and dirs[1][0][5] == 1
+    assert _same(dirs[0][1][1], s) and _same(dirs[0][1][2], q) and dirs[0][0][_T + 2] == 0
+    assert dirs[1][1][1] is None and _same(dirs[1][1][2], r) and dirs[1][0][_T + 2] == 1
     # tables: one row per non-empty tensor, chunk counts consistent with the launch
     for _, operands, (rows, n_rows, _n_chunks) in recorder.tables:
         assert n_rows == sum(1 for x in operands[0] if x.numel())
-        assert len(rows) == n_rows * (5 + len(operands))
+        assert len(rows) == n_rows * (HEADER + len(operands))
 
 
 def test_perturb_seed_wrapper_rows_and_norms(recorder: _Recorder) -> None:
@@ -335,15 +346,15 @@ def test_perturb_seed_wrapper_rows_and_norms(recorder: _Recorder) -> None:
     assert [name for name, _, _ in recorder.calls] == ["row_norms", "perturb_noise"]  # norms before the move
     # the row-norm table walks rows: units = rows per tensor, aux = row length
     assert rn_units == 3 + 1 + 1 and rn_n == 3
-    width = 5 + 2
+    width = HEADER + 2
     assert [rn_rows[i * width + 4] for i in range(rn_n)] == [8, 7, 1]
     assert [rn_rows[i * width + 3] for i in range(rn_n)] == [0, 1, 3]  # tensor index: the Philox key
     assert _same(rn_ops[1], norms) and _same(pn_ops[2], norms) and pn_ops[1] is None
-    assert [pn_rows[i * (5 + 3) + 4] for i in range(pn_n)] == [8, 7, 1]
+    assert [pn_rows[i * (HEADER + 3) + 4] for i in range(pn_n)] == [8, 7, 1]
     assert [tuple(n.shape) for n in norms] == [(3,), (1,), (0,), (1,)]
     assert torch.equal(norms[2], torch.zeros(0))  # the empty tensor's norms are not left to a kernel
     noise = [args for name, args, _ in recorder.calls if name == "perturb_noise"]
-    assert noise[0][3:] == (0.5, 0, seed, 1234)
+    assert noise[0][_T:] == (0.5, 0, seed, 1234)
 
 
 def _combine_kwargs(**over) -> dict:

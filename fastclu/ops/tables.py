@@ -1,13 +1,17 @@
 """Operand rows of the multi-tensor tables, named once for both kernel backends.
 
 A fused launch reads, per tensor, one address per operand; the row of each operand is fixed
-here and used by the Triton host code and kernels, the CUDA host code, and (checked by a test
-against ``fastclu._C.COMBINE_ROWS``) the C++ kernels' ``enum CombineRow`` in ``csrc/ops.h``.
+here and used by the Triton host code and kernels, the CUDA host code, and (checked by
+tests/ops/test_tables.py against ``fastclu._C.COMBINE_ROWS`` / ``TABLE_ROWS``) the C++ kernels'
+enums in ``csrc/ops.h``. :data:`TABLES` also declares, per table, which operands are *per-step*
+(their addresses change from call to call: gradients, outputs allocated per call): those travel
+in the table's small pointer array and never cause a rebuild (:mod:`fastclu.ops._table`).
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class CombineRow(enum.IntEnum):
@@ -54,3 +58,98 @@ def combine_operands(
     out[CombineRow.ANCHOR] = anchor
     out[CombineRow.STEP] = steps
     return out
+
+
+class FisherRow(enum.IntEnum):
+    FISHER = 0
+    GRAD = 1
+
+
+class RatioRow(enum.IntEnum):
+    F_FORGET = 0
+    F_REMAIN = 1
+    OUT = 2  # the packed mask, allocated per call
+
+
+class TopkRow(enum.IntEnum):
+    SCORES = 0
+    OUT = 1
+
+
+class LerpRow(enum.IntEnum):
+    SLOW = 0
+    FAST = 1
+
+
+class HvpRow(enum.IntEnum):
+    OUT = 0
+    GRAD_PLUS = 1
+    GRAD_MINUS = 2
+
+
+class MergeRow(enum.IntEnum):
+    PARAM = 0
+    ANCHOR = 1
+
+
+class MergeStatsRow(enum.IntEnum):
+    PARAM = 0
+    ANCHOR = 1
+    FISHER_SUM = 2
+    FISHER_THETA_SUM = 3
+
+
+class PerturbRow(enum.IntEnum):
+    PARAM = 0
+    BACKUP = 1
+    SOURCE = 2  # anchor (task vector), direction, or fp32 row norms (noise)
+
+
+class RowNormRow(enum.IntEnum):
+    PARAM = 0
+    NORMS = 1
+
+
+class GramRow(enum.IntEnum):
+    GRAD0 = 0  # role r at GRAD0 + r, r < 4
+    MASK = 4
+
+
+class RestoreRow(enum.IntEnum):
+    PARAM = 0
+    BACKUP = 1
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table: its named rows, operand count and per-step operands (by row)."""
+
+    rows: type[enum.IntEnum]
+    n_operands: int
+    dynamic: tuple[int, ...]
+
+
+# Keys: the C++ entry point (``fastclu._C.TABLE_ROWS``; ``perturb`` serves perturb_dir and
+# perturb_noise). Per-step: what a training loop hands over fresh each call. Stable: params,
+# optimizer state, masks, Fishers, anchors (a changed one is a rebuild, as a new parameter set).
+TABLES: dict[str, TableSpec] = {
+    "fisher_accumulate": TableSpec(FisherRow, 2, (FisherRow.GRAD,)),
+    "ratio_mask": TableSpec(RatioRow, 3, (RatioRow.OUT,)),
+    "topk_mask": TableSpec(TopkRow, 2, (TopkRow.SCORES, TopkRow.OUT)),
+    "lerp_sync": TableSpec(LerpRow, 2, ()),
+    "fd_hvp": TableSpec(HvpRow, 3, (HvpRow.GRAD_PLUS, HvpRow.GRAD_MINUS)),
+    "merge": TableSpec(MergeRow, 2, ()),
+    "merge_stats": TableSpec(MergeStatsRow, 4, ()),
+    "perturb": TableSpec(PerturbRow, 3, (PerturbRow.BACKUP, PerturbRow.SOURCE)),
+    "row_norms": TableSpec(RowNormRow, 2, (RowNormRow.NORMS,)),
+    "gram": TableSpec(GramRow, 5, (GramRow.GRAD0, GramRow.GRAD0 + 1, GramRow.GRAD0 + 2, GramRow.GRAD0 + 3)),
+    "restore": TableSpec(RestoreRow, 2, (RestoreRow.BACKUP,)),
+    "combine_step": TableSpec(
+        CombineRow, COMBINE_OPERANDS, (CombineRow.RESTORE, *range(CombineRow.GRAD0, CombineRow.MASK))
+    ),
+}
+
+
+def dynamic(table: str) -> tuple[int, ...]:
+    """The per-step operand rows of ``table`` (see :data:`TABLES`)."""
+    return TABLES[table].dynamic

@@ -4,13 +4,60 @@ from __future__ import annotations
 
 import pytest
 
-from fastclu.ops.tables import COMBINE_OPERANDS, CombineRow, combine_operands
+from fastclu.ops import _table
+from fastclu.ops.tables import COMBINE_OPERANDS, TABLES, CombineRow, combine_operands
+
+
+def _extensions() -> list:
+    """Every C++ build here: fastclu._C (nvcc) if built, and the CPU test module (built on demand)."""
+    import importlib
+
+    from fastclu.ops import _cuda_cpu_mode
+
+    mods = []
+    try:
+        mods.append(importlib.import_module("fastclu._C"))
+    except ImportError:
+        pass
+    if _cuda_cpu_mode.unavailable_reason() is not None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        subprocess.run([sys.executable, str(Path(__file__).parents[2] / "csrc/cpu/build.py")], check=False)
+        importlib.invalidate_caches()
+    try:
+        mods.append(_cuda_cpu_mode.load_extension())
+    except ImportError:
+        pass
+    if not mods:
+        pytest.skip("no C++ build of the kernels here")
+    return mods
 
 
 def test_rows_match_the_extension() -> None:
-    C = pytest.importorskip("fastclu._C")
-    assert {r.name.lower(): int(r) for r in CombineRow} == dict(C.COMBINE_ROWS)
-    assert int(C.COMBINE_OPERANDS) == COMBINE_OPERANDS
+    for C in _extensions():
+        assert {r.name.lower(): int(r) for r in CombineRow} == dict(C.COMBINE_ROWS)
+        assert int(C.COMBINE_OPERANDS) == COMBINE_OPERANDS
+
+
+def test_every_table_matches_the_extension() -> None:
+    """Every op's operand rows, operand count and the row header width agree with csrc/ops.h."""
+    for C in _extensions():
+        assert int(C.ROW_HEADER) == _table.HEADER
+        tables = {k: dict(v) for k, v in dict(C.TABLE_ROWS).items()}
+        assert set(tables) | {"combine_step"} == set(TABLES)
+        for name, want in tables.items():
+            spec = TABLES[name]
+            assert {r.name.lower(): int(r) for r in spec.rows} == want, name
+            assert int(C.TABLE_OPERANDS[name]) == spec.n_operands, name
+        assert TABLES["combine_step"].n_operands == int(C.COMBINE_OPERANDS)
+
+
+def test_per_step_operands_are_rows_of_their_table() -> None:
+    for name, spec in TABLES.items():
+        assert all(0 <= k < spec.n_operands for k in spec.dynamic), name
+        assert len(set(spec.dynamic)) == len(spec.dynamic), name
 
 
 def test_combine_operands_put_each_list_on_its_row() -> None:

@@ -7,6 +7,7 @@ from torch import Tensor
 from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
+from fastclu.ops.tables import TABLES
 
 Scalar = float | Tensor
 
@@ -21,6 +22,6 @@ def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], scale: Scalar,
     require_cuda(op, "grads", grads)
     dev = fisher[0].device
     with on_device(dev):
-        t = build_table(op, [fisher, grads], dev, dynamic=(1,))
+        t = build_table(op, [fisher, grads], dev, dynamic=TABLES["fisher_accumulate"].dynamic)
         s = scalar(scale, dev)
         _C.fisher_accumulate(*t.args, s.value, s.ptr, int(power), stream_of(dev))

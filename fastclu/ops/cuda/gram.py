@@ -9,6 +9,7 @@ from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda import _launch
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, stream_of
+from fastclu.ops.tables import TABLES
 
 Scalar = float | Tensor
 
@@ -32,7 +33,7 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     bits = sum(1 << r for r, f in enumerate(masked) if f) if mask is not None else 0
     roles: list[list[Tensor] | None] = [grads[r] if r < n_roles else None for r in range(4)]
     with on_device(dev):
-        t = build_table(op, [*roles, mask if bits else None], dev, dynamic=range(4))
+        t = build_table(op, [*roles, mask if bits else None], dev, dynamic=TABLES["gram"].dynamic)
         partial = _launch.alloc(max(t.n_chunks, 1) * _GRAM_PAIRS, torch.float64, dev)
         out = _launch.alloc((n_roles, n_roles), torch.float32, dev)
         _C.gram(*t.args, n_roles, bits, partial.data_ptr(), out.data_ptr(), stream_of(dev))

@@ -7,6 +7,7 @@ from torch import Tensor
 from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
+from fastclu.ops.tables import TABLES
 
 Scalar = float | Tensor
 
@@ -23,6 +24,6 @@ def fd_hvp_(
         require_cuda(op, name, xs)
     dev = out[0].device
     with on_device(dev):
-        t = build_table(op, [out, grads_plus, grads_minus], dev, dynamic=(1, 2))
+        t = build_table(op, [out, grads_plus, grads_minus], dev, dynamic=TABLES["fd_hvp"].dynamic)
         e = scalar(eps, dev)
         _C.fd_hvp(*t.args, e.value, e.ptr, bool(accumulate), stream_of(dev))

@@ -10,6 +10,7 @@ from fastclu._registry import register
 from fastclu.ops.bits import packed_numel
 from fastclu.ops.cuda import _launch
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
+from fastclu.ops.tables import TABLES
 
 Scalar = float | Tensor
 
@@ -25,7 +26,7 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: Scalar, *,
     dev = f_forget[0].device
     with on_device(dev):
         out = [_launch.alloc(packed_numel(f.numel()), torch.uint8, dev) for f in f_forget]
-        t = build_table(op, [f_forget, f_remain, out], dev, dynamic=(2,))
+        t = build_table(op, [f_forget, f_remain, out], dev, dynamic=TABLES["ratio_mask"].dynamic)
         g = scalar(gamma, dev)
         _C.ratio_mask(*t.args, g.value, g.ptr, float(eps), stream_of(dev))
     return out
@@ -48,7 +49,7 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
         if k == 0:
             return [torch.zeros(packed_numel(s.numel()), dtype=torch.uint8, device=dev) for s in scores]
         out = [_launch.alloc(packed_numel(s.numel()), torch.uint8, dev) for s in scores]
-        t = build_table(op, [scores, out], dev, dynamic=(0, 1))
+        t = build_table(op, [scores, out], dev, dynamic=TABLES["topk_mask"].dynamic)
         if t.n_chunks == 0:
             return out
         state = _launch.alloc(4 + 256, torch.int64, dev)

@@ -9,6 +9,7 @@ from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda import _launch
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
+from fastclu.ops.tables import TABLES
 
 Scalar = float | Tensor
 
@@ -45,7 +46,7 @@ def perturb_(
         stream = stream_of(dev)
         if seed is None:
             src = anchor if anchor is not None else direction
-            t = build_table(op, [params, backup, src], dev, dynamic=(1, 2))
+            t = build_table(op, [params, backup, src], dev, dynamic=TABLES["perturb"].dynamic)
             _C.perturb_dir(*t.args, s.value, s.ptr, 0 if anchor is not None else 1, stream)
             return None
         rows = [_rows(p) for p in params]
@@ -56,11 +57,11 @@ def perturb_(
                 _launch.alloc(r, torch.float32, dev) if p.numel() else torch.zeros(r, dtype=torch.float32, device=dev)
                 for p, r in zip(params, rows)
             ]
-            rt = build_table(op, [params, norms], dev, units=rows, aux=lengths, dynamic=(1,))
+            rt = build_table(op, [params, norms], dev, units=rows, aux=lengths, dynamic=TABLES["row_norms"].dynamic)
             _C.row_norms(*rt.args, stream)
         else:
             norms = [r.reshape(-1).to(device=dev, dtype=torch.float32).contiguous() for r in row_norms]
-        t = build_table(op, [params, backup, norms], dev, aux=lengths, dynamic=(1, 2))
+        t = build_table(op, [params, backup, norms], dev, aux=lengths, dynamic=TABLES["perturb"].dynamic)
         _C.perturb_noise(*t.args, s.value, s.ptr, int(seed), stream)
         return norms
 
@@ -75,5 +76,5 @@ def restore_(params: list[Tensor], backup: list[Tensor]) -> None:
     require_cuda(op, "backup", backup)
     dev = params[0].device
     with on_device(dev):
-        t = build_table(op, [params, backup], dev, dynamic=(1,))
+        t = build_table(op, [params, backup], dev, dynamic=TABLES["restore"].dynamic)
         _C.restore_mt(*t.args, stream_of(dev))

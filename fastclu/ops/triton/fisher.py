@@ -7,6 +7,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.tables import TABLES
 from fastclu.ops.triton._multitensor import (
     BLOCK,
     block_info,
@@ -42,7 +43,7 @@ def fisher_accumulate_(fisher: list[Tensor], grads: list[Tensor], scale: float |
     """``fisher += scale * g**2`` (or ``|g|``); see :func:`fastclu.ops.fisher_accumulate_`."""
     if not fisher:
         return
-    gs, _ = groups([fisher, grads], dynamic=(1,))
+    gs, _ = groups([fisher, grads], dynamic=TABLES["fisher_accumulate"].dynamic)
     for g in gs:
         if g.n_blocks == 0:
             continue

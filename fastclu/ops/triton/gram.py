@@ -8,6 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.tables import TABLES, GramRow
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
@@ -22,6 +23,8 @@ from fastclu.ops.triton._multitensor import (
 )
 from fastclu.ops.triton._reduce import dsum as _dsum
 from fastclu.ops.triton._reduce import sum_partials
+
+_MASK = tl.constexpr(int(GramRow.MASK))
 
 
 @helper
@@ -46,7 +49,7 @@ def _gram_kernel(
     pid = tl.program_id(0) + blk0
     t, offs, m, gb = block_info_ranked(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
     if HAS_MASK:
-        bits = _mask_bits(operand_ptr(tab, dyn, LAYOUT, R, t, tl.uint8, ALIGN), offs, m)
+        bits = _mask_bits(operand_ptr(tab, dyn, LAYOUT, _MASK, t, tl.uint8, ALIGN), offs, m)
     else:
         bits = tl.full([BLOCK], 1, tl.int1)
     g0 = tl.load(operand_ptr(tab, dyn, LAYOUT, 0, t, D0, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
@@ -94,7 +97,7 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     if not grads[0]:
         return torch.zeros(R, R, dtype=torch.float32, device=dev)
     flags = [bool(f) and mask is not None for f in masked] + [False] * (4 - R)
-    gs, total = groups([*grads, mask], dynamic=range(R))
+    gs, total = groups([*grads, *[None] * (4 - R), mask], dynamic=TABLES["gram"].dynamic)
     part = mt.alloc((max(total, 1), R * R), torch.float64, dev)
     for g in gs:
         if g.n_blocks == 0:

@@ -7,6 +7,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.tables import TABLES
 from fastclu.ops.triton._multitensor import (
     BLOCK,
     block_info,
@@ -46,7 +47,7 @@ def fd_hvp_(
     """``out (+)= (g_plus - g_minus) / (2 eps)``; see :func:`fastclu.ops.fd_hvp_`."""
     if not out:
         return
-    gs, _ = groups([out, grads_plus, grads_minus], dynamic=(1, 2))
+    gs, _ = groups([out, grads_plus, grads_minus], dynamic=TABLES["fd_hvp"].dynamic)
     for g in gs:
         if g.n_blocks == 0:
             continue

@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.tables import TABLES
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
@@ -86,7 +87,7 @@ def ratio_mask(f_forget: list[Tensor], f_remain: list[Tensor], gamma: float | Te
     outs = _empty_masks(f_forget)
     if not f_forget:
         return outs
-    gs, _ = groups([f_forget, f_remain, outs], dynamic=(2,))
+    gs, _ = groups([f_forget, f_remain, outs], dynamic=TABLES["ratio_mask"].dynamic)
     for g in gs:
         if g.n_blocks == 0:
             continue
@@ -207,7 +208,7 @@ def topk_mask(scores: list[Tensor], k: int) -> list[Tensor]:
             o.zero_()
         return outs
     dev = scores[0].device
-    gs, total = groups([scores, outs], dynamic=(0, 1))
+    gs, total = groups([scores, outs], dynamic=TABLES["topk_mask"].dynamic)
     state = torch.tensor([0, k], dtype=torch.int64).to(dev)
     hist = torch.zeros(256, dtype=torch.int64, device=dev)
     for shift in range(24, -1, -8):

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.tables import TABLES
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
@@ -152,7 +153,7 @@ def clean_row_norms(params: list[Tensor]) -> list[Tensor]:
             o.zero_()  # rows of length 0 (or a lone empty row) have norm 0
     if not params:
         return outs
-    gs, _ = groups([params, outs], rows=True, dynamic=(1,))
+    gs, _ = groups([params, outs], rows=True, dynamic=TABLES["row_norms"].dynamic)
     for g in gs:
         if g.n_blocks == 0:
             continue
@@ -215,7 +216,11 @@ def perturb_(
     if not params:
         return norms
     seed_v = 0 if seed is None else seed
-    gs, _ = groups([params, backup, src], dynamic=(1, 2), aux=[_row_len(p) for p in params] if mode == 2 else None)
+    gs, _ = groups(
+        [params, backup, src],
+        dynamic=TABLES["perturb"].dynamic,
+        aux=[_row_len(p) for p in params] if mode == 2 else None,
+    )
     for g in gs:
         if g.n_blocks == 0:
             continue
@@ -245,7 +250,7 @@ def restore_(params: list[Tensor], backup: list[Tensor]) -> None:
     """Bit-exact ``params[i].copy_(backup[i])`` (moved as same-width integers)."""
     if not params:
         return
-    gs, _ = groups([params, backup], dynamic=(1,))
+    gs, _ = groups([params, backup], dynamic=TABLES["restore"].dynamic)
     for g in gs:
         if g.n_blocks == 0:
             continue

@@ -23,9 +23,9 @@ from fastclu.ops.triton import _reduce, combine, fisher, gram, hvp, lerp, masks,
 from fastclu.ops.triton.rules import update_of
 
 TARGET = GPUTarget("cuda", 90, 32)
-I64P = {"ptrs", "numel", "blk_tensor", "blk_start", "blk_global", "index", "rowlen", "state", "hist", "ties",
+I64P = {"tab", "dyn", "ptrs", "numel", "blk_tensor", "blk_start", "blk_global", "index", "rowlen", "state", "hist", "ties",
         "ties_before"}  # fmt: skip
-INTS = {"n_tensors", "blk0", "n_blocks", "n_out", "seed_lo", "seed_hi", "start", "n", "count", "tensor_index"}
+INTS = {"n_rows", "n_tensors", "blk0", "n_blocks", "n_out", "seed_lo", "seed_hi", "start", "n", "count", "tensor_index"}
 FLOATS = {"wd", "momentum", "one_minus_damp", "eps"}
 f32, f16, bf16, f64 = tl.float32, tl.float16, tl.bfloat16, tl.float64
 
@@ -52,7 +52,7 @@ def _sig(fn, consts: dict, int_types: dict) -> dict:
 def cases(full: bool) -> list[tuple[object, dict]]:
     out = []
     for even in (True, False) if full else (True,):
-        c = {"BLOCK": 1024, "EVEN": even, "ALIGN": 16}
+        c = {"BLOCK": 1024, "EVEN": even, "ALIGN": 16, "LAYOUT": 3 + 256 * 0b110}  # 3 operands, 2 per-step
         out += [
             (lerp._lerp_sync_kernel, dict(BETA_T=False, DS=f32, DF=f16, **c)),
             (fisher._fisher_kernel, dict(S_T=True, POWER=2, DF=f32, DG=bf16, **c)),
@@ -82,7 +82,7 @@ def cases(full: bool) -> list[tuple[object, dict]]:
         (combine._step_kernel, {"HAS_FI": True, "LR_T": False, "DST": f32, "TB": 256}),
         (masks._topk_select_kernel, {"SHIFT": 24}),
         (_reduce._sum_partials_kernel, {"BLOCK": 1024}),
-        (perturb._row_norm_kernel, {"DP": f16, "BLOCK": 1024}),
+        (perturb._row_norm_kernel, {"DP": f16, "BLOCK": 1024, "LAYOUT": 2 + 256 * 0b10}),
         # int arguments equal to 1 arrive as constexprs on the GPU
         (perturb._words_kernel, {"BLOCK": 1024, "tensor_index": 1, "seed_lo": 1}),
         (perturb._words_kernel, {"BLOCK": 1024, "_int_types": {"start": "u32", "seed_lo": "u32", "seed_hi": "u32"}}),

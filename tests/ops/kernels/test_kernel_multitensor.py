@@ -91,7 +91,7 @@ def test_per_step_operands_move_without_a_rebuild() -> None:
     gs1 = [randn([7, 4097]) for _ in range(3)]
     _table.reset_stats()
     first, _ = mt.groups([xs, gs1[0]], dynamic=(1,))
-    for g in gs1[1:] + [gs1[1]]:
+    for g in [*gs1[1:], gs1[1]]:
         again, _ = mt.groups([xs, g], dynamic=(1,))
         assert again is first
         assert _ptrs(again[0]).tolist() == [[x.data_ptr() for x in xs], [y.data_ptr() for y in g]]
@@ -176,7 +176,7 @@ def _probe(mt, g) -> tuple[list[int], list[int], list[int]]:
     @triton.jit
     def probe(tab, dyn, n_rows, out, base, BLOCK: tl.constexpr, EVEN: tl.constexpr, LAYOUT: tl.constexpr):
         pid = tl.program_id(0)
-        t, offs, m, rank = block_info_ranked(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)  # noqa: F821
+        t, offs, _, rank = block_info_ranked(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)  # noqa: F821
         i = (base + pid) * 3
         tl.store(out + i, t.to(tl.int64))
         tl.store(out + i + 1, tl.min(offs, axis=0))
