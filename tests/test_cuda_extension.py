@@ -59,7 +59,7 @@ def test_extension_exposes_every_entry_point(ext: ModuleType) -> None:
     assert not missing, f"fastclu._C lacks {missing}"
     # the octet/chunk scheme needs whole octets per thread and whole rounds per chunk
     assert ext.CHUNK % (8 * 256) == 0
-    assert ext.ROW_HEADER == 5
+    assert ext.ROW_HEADER == HEADER  # the row header of fastclu/ops/_table.py (rank0 column included)
 
 
 def test_extension_links_no_torch_nor_shared_cudart(ext: ModuleType) -> None:
@@ -87,9 +87,9 @@ def test_import_in_a_process_without_devices(ext: ModuleType) -> None:
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a usable device")
 def test_launch_without_device_is_a_python_error(ext: ModuleType) -> None:
     with pytest.raises(RuntimeError, match="merge_stats"):
-        ext.merge_stats(0, 0, 0, 0, 0, 0)
+        ext.merge_stats(0, 0, 0, 0, 0, 0, 0)  # (table, dyn, n_rows, n_chunks, partial, out, stream)
     with pytest.raises(RuntimeError, match="fisher_accumulate_"):
-        ext.fisher_accumulate(1, 1, 1, 1.0, 0, 2, 0)  # a (fake) non-empty table: reaches the device query
+        ext.fisher_accumulate(1, 0, 1, 1, 1.0, 0, 2, 0)  # a (fake) non-empty table: reaches the device query
 
 
 def test_philox_matches_reference_stream(ext: ModuleType) -> None:

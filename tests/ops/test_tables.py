@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from fastclu.ops import _table
@@ -15,10 +17,8 @@ def _extensions() -> list:
     from fastclu.ops import _cuda_cpu_mode
 
     mods = []
-    try:
+    with contextlib.suppress(ImportError):
         mods.append(importlib.import_module("fastclu._C"))
-    except ImportError:
-        pass
     if _cuda_cpu_mode.unavailable_reason() is not None:
         import subprocess
         import sys
@@ -26,10 +26,8 @@ def _extensions() -> list:
 
         subprocess.run([sys.executable, str(Path(__file__).parents[2] / "csrc/cpu/build.py")], check=False)
         importlib.invalidate_caches()
-    try:
+    with contextlib.suppress(ImportError):
         mods.append(_cuda_cpu_mode.load_extension())
-    except ImportError:
-        pass
     if not mods:
         pytest.skip("no C++ build of the kernels here")
     return mods

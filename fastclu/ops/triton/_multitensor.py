@@ -260,7 +260,9 @@ def block_rank(tab, t, start, BLOCK: tl.constexpr, LAYOUT: tl.constexpr):
 def operand_ptr(tab, dyn, LAYOUT: tl.constexpr, row: tl.constexpr, t, DT: tl.constexpr, ALIGN: tl.constexpr = 1):
     """Address of operand ``row`` of row ``t`` as a typed pointer (``ALIGN``: known byte alignment)."""
     v = tl.load(tab + t * (_HEADER + (LAYOUT & 255)) + _HEADER + row)
-    if (LAYOUT >> (8 + row)) & 1:
+    # bit 8 + row of LAYOUT, written with // and ** : the interpreter passes LAYOUT as an int and
+    # module-level rows as constexprs, and constexpr has no reflected shift
+    if (LAYOUT // 2 ** (8 + row)) % 2 == 1:
         v = tl.load(dyn + (-1 - v))  # a per-step operand: its slot holds -(1 + index into dyn)
     ptr = v.to(tl.pointer_type(DT))
     if ALIGN > 1:

@@ -30,10 +30,12 @@ def shuffled(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fastclu.backends()["triton"] is None
     import importlib
 
+    from fastclu.ops.triton import _multitensor as mt
+
     def launch(kernel, g, *args, **meta) -> None:
-        for blk0, n, even in g.launches():
+        for blk0, n, even in mt.launches(g):
             for b in torch.randperm(n).tolist():
-                kernel[(1,)](*args, blk0 + b, EVEN=even, ALIGN=g.align, **meta)
+                kernel[(1,)](*args, blk0 + b, EVEN=even, ALIGN=g.align, LAYOUT=mt.layout(g), **meta)
 
     for name in MODULES:
         mod = importlib.import_module(f"fastclu.ops.triton.{name}")
