@@ -139,9 +139,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("restore_mt", &fastclu::restore_mt, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "stream"_a);
   m.def(
       "combine_step",
-      [](uint64_t table, int n_rows, int64_t n_chunks, const py::dict& config, uint64_t stream) {
+      [](uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, const py::dict& config, uint64_t stream) {
         const fastclu::CombineConfig cfg = make_config(config);
-        fastclu::combine_step(table, n_rows, n_chunks, cfg, stream);
+        fastclu::combine_step(table, dyn, n_rows, n_chunks, cfg, stream);
       },
-      "table"_a, "n_rows"_a, "n_chunks"_a, "config"_a, "stream"_a);
+      "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "config"_a, "stream"_a);
 }

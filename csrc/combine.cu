@@ -117,9 +117,9 @@ Scal scal_of(double v, uint64_t p) { return as_scal(v, p); }
 
 }  // namespace
 
-void combine_step(uint64_t table, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream) {
+void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream) {
   const char* op = "combine_step_";
-  const Table t = make_table(op, table, n_rows, kCombineOps, n_chunks);
+  const Table t = make_table(op, table, dyn, n_rows, kCombineOps, n_chunks);
   if (cfg.n_roles < 1 || cfg.n_roles > 4) fail(op, "n_roles must be in [1, 4]");
   if (cfg.step_mode < 0 || cfg.step_mode > 2) fail(op, "bad step_mode");
   if (cfg.step_mode == 1 && cfg.steps_ptr == 0) fail(op, "step_mode 1 needs steps_ptr");

@@ -89,6 +89,6 @@ enum CombineRow : int {
 };
 // operands: 0 params, 1 restore_from, 2..5 role grads, 6 mask, 7 momentum_buffer / exp_avg,
 // 8 exp_avg_sq, 9 max_exp_avg_sq, 10 importance, 11 anchor, 12 step counter (kPtr)
-void combine_step(uint64_t table, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream);
+void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream);
 
 }  // namespace fastclu

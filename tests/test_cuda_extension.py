@@ -192,12 +192,12 @@ def test_public_op_names_the_missing_device(cuda_backend: ModuleType) -> None:
 
 # --- host side of the wrappers, without a GPU: what crosses the pybind11 boundary ---------------
 
-# Table arguments of an entry point: (table, dyn, n_rows, n_chunks); combine_step has no dyn yet.
+# Table arguments of every entry point: (table, dyn, n_rows, n_chunks).
 _T = 4
 
 
 def _table_args(name: str) -> int:
-    return 3 if name == "combine_step" else _T
+    return _T
 
 
 # Operand order of every table, as csrc/ops.h documents it (the kernels index operands by position).
@@ -384,7 +384,7 @@ def test_combine_wrapper_config_and_operands(recorder: _Recorder) -> None:
     want = [p, rest, g0, g1, None, None, m, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"], imp, anc, None]
     assert len(operands) == len(_LAYOUT["combine_step"])
     assert all(_same(a, b) for a, b in zip(operands, want)), "combine operands out of kernel order"
-    cfg = args[3]
+    cfg = args[_T]
     assert cfg["adamw"] and cfg["amsgrad"] and cfg["maximize"] and cfg["update_mode"] and cfg["has_mask"]
     assert cfg["has_restore"] and cfg["has_penalty"] and not cfg["has_grad_scale"] and cfg["found_inf_ptr"] == 0
     assert cfg["n_roles"] == 2 and cfg["masked_bits"] == 0b01
@@ -395,9 +395,9 @@ def test_combine_wrapper_config_and_operands(recorder: _Recorder) -> None:
     assert cfg["step_mode"] == 0 and cfg["step"] == 5.0 and all(float(s) == 5.0 for s in st["step"])
     # the binding rejects a bad config before it touches anything (coeff[] has room for 4 roles)
     with pytest.raises(ValueError, match="n_roles"):
-        recorder.ext.combine_step(0, 0, 0, dict(cfg, n_roles=5, coeffs=[(1.0, 0)] * 5), 0)
+        recorder.ext.combine_step(0, 0, 0, 0, dict(cfg, n_roles=5, coeffs=[(1.0, 0)] * 5), 0)
     with pytest.raises(KeyError, match="step_mode"):
-        recorder.ext.combine_step(0, 0, 0, {k: v for k, v in cfg.items() if k != "step_mode"}, 0)
+        recorder.ext.combine_step(0, 0, 0, 0, {k: v for k, v in cfg.items() if k != "step_mode"}, 0)
 
 
 def test_combine_wrapper_penalty_zero_and_cpu_found_inf(recorder: _Recorder) -> None:
@@ -407,7 +407,7 @@ def test_combine_wrapper_penalty_zero_and_cpu_found_inf(recorder: _Recorder) -> 
     # penalty == 0.0 (a host value): the reference skips the term, so the kernel must not read it
     _impl("combine_step_")(p, [g], {"momentum_buffer": buf}, **dict(kw, importance=imp, anchor=anc, penalty=0.0))
     ((_, args, operands),) = recorder.calls
-    assert operands[10] is None and operands[11] is None and not args[3]["has_penalty"]
+    assert operands[10] is None and operands[11] is None and not args[_T]["has_penalty"]
     assert _same(operands[7], buf) and operands[8] is None and operands[12] is None
     # a set host found_inf: no launch, state untouched, but the fused restore still happens
     st = {"exp_avg": [torch.randn(6)], "exp_avg_sq": [torch.rand(6)], "max_exp_avg_sq": [torch.rand(6)],
@@ -419,7 +419,7 @@ def test_combine_wrapper_penalty_zero_and_cpu_found_inf(recorder: _Recorder) -> 
     assert all(torch.equal(a, b) for k in st for a, b in zip(st[k], before[k]))
     # a clear host found_inf: the step runs (counter incremented once)
     _impl("combine_step_")(p, [g, g], st, **_combine_kwargs(found_inf=torch.tensor(0.0)))
-    assert len(recorder.calls) == 2 and float(st["step"][0]) == 3.0 and recorder.calls[1][1][3]["step"] == 3.0
+    assert len(recorder.calls) == 2 and float(st["step"][0]) == 3.0 and recorder.calls[1][1][_T]["step"] == 3.0
 
 
 def _nvcc() -> str | None:

@@ -10,7 +10,7 @@ from torch import Tensor
 from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
-from fastclu.ops.tables import CombineRow, combine_operands
+from fastclu.ops.tables import TABLES, CombineRow, combine_operands
 
 Scalar = float | Tensor
 
@@ -130,7 +130,9 @@ def combine_step_(
             params, restore_from, roles, mask, state_ops, importance if has_penalty else None,
             anchor if has_penalty else None, list(steps) if step_mode == 2 else None,
         )  # fmt: skip
-        t = build_table(op, operands, dev, pointer_operands=(int(CombineRow.STEP),))
+        t = build_table(
+            op, operands, dev, pointer_operands=(int(CombineRow.STEP),), dynamic=TABLES["combine_step"].dynamic
+        )
         scal = {name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty))}
         coeff = [scalar(c, dev) for c in coeffs]
         gs = scalar(grad_scale, dev) if grad_scale is not None else None
@@ -146,7 +148,7 @@ def combine_step_(
             "coeffs": [c.pair for c in coeff], "found_inf_ptr": fi_ptr, "step_mode": step_mode, "step": step,
             "steps_ptr": 0 if steps_arr is None else steps_arr.data_ptr(),
         }  # fmt: skip
-        _C.combine_step(t.ptr, t.n_rows, t.n_chunks, config, stream_of(dev))
+        _C.combine_step(*t.args, config, stream_of(dev))
         # Tensors whose addresses the launch uses stay referenced until here (stream-ordered reuse
         # by the caching allocator makes freeing them afterwards safe).
         del scal, coeff, gs, fi_keep, steps_arr

@@ -271,6 +271,13 @@ def operand_ptr(tab, dyn, LAYOUT: tl.constexpr, row: tl.constexpr, t, DT: tl.con
     return ptr
 
 
+@helper
+def slot_ptr(tab, t, k: tl.constexpr, LAYOUT: tl.constexpr):
+    """Address of operand ``k``'s slot in row(s) ``t`` (per-tensor work over many rows at once;
+    only for stable operands, whose slot holds the address itself)."""
+    return tab + t * (_HEADER + (LAYOUT & 255)) + _HEADER + k
+
+
 def launch(kernel, g: Group, *args, **meta) -> None:
     """Run ``kernel`` over group ``g``: whole blocks (``EVEN=True``), then the tail blocks.
 

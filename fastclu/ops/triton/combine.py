@@ -26,8 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.tables import TABLES, combine_operands
 from fastclu.ops.tables import CombineRow as R_
-from fastclu.ops.tables import combine_operands
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
@@ -40,6 +40,8 @@ from fastclu.ops.triton._multitensor import (
     on_device,
     operand_ptr,
     scalar_arg,
+    slot_ptr,
+    table_args,
     tl_dtype,
 )
 from fastclu.ops.triton._rows import (
@@ -81,9 +83,20 @@ def _pow_int(b, n):
 
 @helper
 def _role(
-    ptrs, n_tensors, ROW: tl.constexpr, t, offs, m, bit, D: tl.constexpr, GATE: tl.constexpr, c, ALIGN: tl.constexpr
+    tab,
+    dyn,
+    LAYOUT: tl.constexpr,
+    ROW: tl.constexpr,
+    t,
+    offs,
+    m,
+    bit,
+    D: tl.constexpr,
+    GATE: tl.constexpr,
+    c,
+    ALIGN: tl.constexpr,
 ):
-    x = tl.load(operand_ptr(ptrs, n_tensors, ROW, t, D, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(operand_ptr(tab, dyn, LAYOUT, ROW, t, D, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
     if GATE:
         x = tl.where(bit, x, 0.0)  # selection: inf/NaN under a 0 bit contributes +0
     return x * c
@@ -91,7 +104,7 @@ def _role(
 
 @triton.jit
 def _combine_kernel(
-    ptrs, numel, blk_tensor, blk_start, n_tensors,
+    tab, dyn, n_rows,
     lr_ptr, lr_val, lr_hi, lr_lo, c0_ptr, c0_val, c1_ptr, c1_val, c2_ptr, c2_val, c3_ptr, c3_val,
     sc_ptr, sc_val, pen_ptr, pen_val, gs_ptr, fi_ptr, coef,
     wd, momentum, one_minus_damp, b1_hi, b1_lo, b2_hi, b2_lo, eps,
@@ -105,10 +118,10 @@ def _combine_kernel(
     DP: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
     DB0: tl.constexpr, DB1: tl.constexpr, DB2: tl.constexpr, DI: tl.constexpr, DA: tl.constexpr,
     DR: tl.constexpr, DST: tl.constexpr, BLOCK: tl.constexpr,
-    EVEN: tl.constexpr, ALIGN: tl.constexpr,
+    EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(blk_tensor, blk_start, numel, tl.program_id(0) + blk0, BLOCK, EVEN)
-    pp = operand_ptr(ptrs, n_tensors, ROW_PARAM, t, DP, ALIGN)
+    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    pp = operand_ptr(tab, dyn, LAYOUT, ROW_PARAM, t, DP, ALIGN)
 
     # where nothing may move: a 0 mask bit in update mode, or the whole step when AMP found inf
     go = m
@@ -117,7 +130,7 @@ def _combine_kernel(
         fi = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
         go = go & (fi == 0.0)
     if HAS_MASK:
-        byte = tl.load(operand_ptr(ptrs, n_tensors, ROW_MASK, t, tl.uint8, ALIGN) + (offs >> 3), mask=m, other=0).to(
+        byte = tl.load(operand_ptr(tab, dyn, LAYOUT, ROW_MASK, t, tl.uint8, ALIGN) + (offs >> 3), mask=m, other=0).to(
             tl.int32
         )
         bit = ((byte >> (offs & 7).to(tl.int32)) & 1) != 0
@@ -127,34 +140,34 @@ def _combine_kernel(
         go = go & bit
 
     if RESTORE:
-        theta_raw = tl.load(operand_ptr(ptrs, n_tensors, ROW_RESTORE, t, DR, ALIGN) + offs, mask=m, other=0.0)
+        theta_raw = tl.load(operand_ptr(tab, dyn, LAYOUT, ROW_RESTORE, t, DR, ALIGN) + offs, mask=m, other=0.0)
         # the restore itself is not part of the step: clean weights land in params regardless
         theta_old = theta_raw.to(DP)
     else:
         theta_old = tl.load(pp + offs, mask=m, other=0.0)
     theta = theta_old.to(tl.float32)
 
-    g = _role(ptrs, n_tensors, ROW_GRAD0, t, offs, m, bit, D0, GATE0, load_scalar(c0_ptr, c0_val, C0_T), ALIGN)
+    g = _role(tab, dyn, LAYOUT, ROW_GRAD0, t, offs, m, bit, D0, GATE0, load_scalar(c0_ptr, c0_val, C0_T), ALIGN)
     if R > 1:
         g = g + _role(
-            ptrs, n_tensors, ROW_GRAD0 + 1, t, offs, m, bit, D1, GATE1, load_scalar(c1_ptr, c1_val, C1_T), ALIGN
+            tab, dyn, LAYOUT, ROW_GRAD0 + 1, t, offs, m, bit, D1, GATE1, load_scalar(c1_ptr, c1_val, C1_T), ALIGN
         )
     if R > 2:
         g = g + _role(
-            ptrs, n_tensors, ROW_GRAD0 + 2, t, offs, m, bit, D2, GATE2, load_scalar(c2_ptr, c2_val, C2_T), ALIGN
+            tab, dyn, LAYOUT, ROW_GRAD0 + 2, t, offs, m, bit, D2, GATE2, load_scalar(c2_ptr, c2_val, C2_T), ALIGN
         )
     if R > 3:
         g = g + _role(
-            ptrs, n_tensors, ROW_GRAD0 + 3, t, offs, m, bit, D3, GATE3, load_scalar(c3_ptr, c3_val, C3_T), ALIGN
+            tab, dyn, LAYOUT, ROW_GRAD0 + 3, t, offs, m, bit, D3, GATE3, load_scalar(c3_ptr, c3_val, C3_T), ALIGN
         )
     g = g * load_scalar(sc_ptr, sc_val, SC_T)
     if HAS_GS:
         g = g / tl.load(gs_ptr).to(tl.float32)
     if HAS_PEN:
-        imp = tl.load(operand_ptr(ptrs, n_tensors, ROW_IMPORTANCE, t, DI, ALIGN) + offs, mask=m, other=0.0).to(
+        imp = tl.load(operand_ptr(tab, dyn, LAYOUT, ROW_IMPORTANCE, t, DI, ALIGN) + offs, mask=m, other=0.0).to(
             tl.float32
         )
-        anc = tl.load(operand_ptr(ptrs, n_tensors, ROW_ANCHOR, t, DA, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
+        anc = tl.load(operand_ptr(tab, dyn, LAYOUT, ROW_ANCHOR, t, DA, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)
         g = g + (load_scalar(pen_ptr, pen_val, PEN_T) * imp) * (theta - anc)
     if MAXIMIZE:
         g = -g
@@ -168,7 +181,7 @@ def _combine_kernel(
 
     # the rule's own update (one file per rule: fastclu/ops/triton/rules/<rule>.py), a constexpr
     theta = RULE(
-        theta, g, lr32, lr64, ptrs, n_tensors, t, offs, m, go, coef, wd, momentum, one_minus_damp,
+        theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef, wd, momentum, one_minus_damp,
         b1_hi, b1_lo, b2_hi, b2_lo, eps, HAS_WD, HAS_MOM, NESTEROV, INIT_MOM, AMSGRAD, DB0, DB1, DB2, ALIGN,
     )  # fmt: skip
 
@@ -181,13 +194,13 @@ def _combine_kernel(
 
 @triton.jit
 def _step_kernel(
-    ptrs, n_tensors, fi_ptr, lr_ptr, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
-    HAS_FI: tl.constexpr, LR_T: tl.constexpr, DST: tl.constexpr, TB: tl.constexpr,
+    tab, n_tensors, fi_ptr, lr_ptr, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
+    HAS_FI: tl.constexpr, LR_T: tl.constexpr, DST: tl.constexpr, TB: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     """Per tensor: step += 1 (unless AMP found inf), then AdamW's step size and sqrt(bc2) into coef."""
     t = tl.program_id(0) * TB + tl.arange(0, TB)
     ok = t < n_tensors
-    sp = tl.load(ptrs + ROW_STEP * n_tensors + t, mask=ok, other=0).to(tl.pointer_type(DST))
+    sp = tl.load(slot_ptr(tab, t, ROW_STEP, LAYOUT), mask=ok, other=0).to(tl.pointer_type(DST))
     old = tl.load(sp, mask=ok, other=0.0).to(tl.float32)
     step = old + 1.0
     if HAS_FI:
@@ -282,10 +295,10 @@ def combine_step_(
     has_pen = importance is not None and not (isinstance(penalty, float) and penalty == 0.0)
     ops = combine_operands(params, restore_from, list(grads), mask, bufs, importance if has_pen else None,
                            anchor if has_pen else None, steps)  # fmt: skip
-    gs_list, _ = groups(ops)
+    gs_list, _ = groups(ops, dynamic=TABLES["combine_step"].dynamic)
     gate = [bool(f) and mask is not None and mask_mode == "grad" for f in masked] + [False] * (4 - R)
     for g in gs_list:
-        dummy = g.numel
+        dummy = g.tab
         lr_p, lr_v, lr_t = scalar_arg(lr, dev, dummy)
         lr_hi, lr_lo = _split(lr_v)
         cs = [scalar_arg(c, dev, dummy) for c in coeffs] + [(dummy, 1.0, False)] * (4 - R)
@@ -304,12 +317,12 @@ def combine_step_(
             # the main kernel then reads per-tensor coefficients instead of the racing counters
             coef = mt.alloc((g.n_tensors, 2), torch.float32, dev)
             _step_kernel[(triton.cdiv(g.n_tensors, _TB),)](
-                g.ptrs, g.n_tensors, fiv, lr_p, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
-                HAS_FI=found_inf is not None, LR_T=lr_t, DST=dt[R_.STEP], TB=_TB,
+                g.tab, g.n_tensors, fiv, lr_p, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
+                HAS_FI=found_inf is not None, LR_T=lr_t, DST=dt[R_.STEP], TB=_TB, LAYOUT=mt.layout(g),
             )  # fmt: skip
         if g.n_blocks:
             launch(_combine_kernel, g, 
-                g.ptrs, g.numel, g.blk_tensor, g.blk_start, g.n_tensors,
+                *table_args(g),
                 lr_p, lr_v, lr_hi, lr_lo, cs[0][0], cs[0][1], cs[1][0], cs[1][1], cs[2][0], cs[2][1],
                 cs[3][0], cs[3][1], sc[0], sc[1], pen[0], pen[1], gsv, fiv, coef,
                 float(weight_decay), float(momentum), 1.0 - float(dampening), b1_hi, b1_lo, b2_hi, b2_lo, float(eps),

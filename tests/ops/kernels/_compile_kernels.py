@@ -79,7 +79,7 @@ def cases(full: bool) -> list[tuple[object, dict]]:
                 INIT_MOM=False, AMSGRAD=True, DP=f16, D0=f32, D1=f16, D2=f32, D3=f32, DB0=f32, DB1=f32, DB2=f32,
                 DI=f32, DA=f16, DR=f16, DST=f32, **c)))  # fmt: skip
     out += [
-        (combine._step_kernel, {"HAS_FI": True, "LR_T": False, "DST": f32, "TB": 256}),
+        (combine._step_kernel, {"HAS_FI": True, "LR_T": False, "DST": f32, "TB": 256, "LAYOUT": 13}),
         (masks._topk_select_kernel, {"SHIFT": 24}),
         (_reduce._sum_partials_kernel, {"BLOCK": 1024}),
         (perturb._row_norm_kernel, {"DP": f16, "BLOCK": 1024, "LAYOUT": 2 + 256 * 0b10}),

@@ -7,7 +7,7 @@ only where ``go`` (the update-mode mask and the AMP skip) allows. The rule's sta
 the table rows ``ROW_STATE0``, ``ROW_STATE1``, ``ROW_STATE_MAX`` (:mod:`._rows`); ``coef`` holds per-tensor
 fp32 coefficients a rule may need (AdamW: step size and sqrt of bias correction 2)::
 
-    update(theta, g, lr32, lr64, ptrs, n_tensors, t, offs, m, go, coef, wd, momentum,
+    update(theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef, wd, momentum,
            one_minus_damp, b1_hi, b1_lo, b2_hi, b2_lo, eps, HAS_WD, HAS_MOM, NESTEROV,
            INIT_MOM, AMSGRAD, DB0, DB1, DB2, ALIGN) -> theta
 """

@@ -14,13 +14,13 @@ from fastclu.ops.triton._rows import ROW_STATE0, ROW_STATE1, ROW_STATE_MAX
 
 @helper
 def update(
-    theta, g, lr32, lr64, ptrs, n_tensors, t, offs, m, go, coef, wd, momentum, one_minus_damp,
+    theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef, wd, momentum, one_minus_damp,
     b1_hi, b1_lo, b2_hi, b2_lo, eps, HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
     INIT_MOM: tl.constexpr, AMSGRAD: tl.constexpr, DB0: tl.constexpr, DB1: tl.constexpr, DB2: tl.constexpr,
     ALIGN: tl.constexpr,
 ):  # fmt: skip
-    b0p = operand_ptr(ptrs, n_tensors, ROW_STATE0, t, DB0, ALIGN)  # exp_avg
-    b1p = operand_ptr(ptrs, n_tensors, ROW_STATE1, t, DB1, ALIGN)  # exp_avg_sq
+    b0p = operand_ptr(tab, tab, LAYOUT, ROW_STATE0, t, DB0, ALIGN)  # exp_avg
+    b1p = operand_ptr(tab, tab, LAYOUT, ROW_STATE1, t, DB1, ALIGN)  # exp_avg_sq
     step_size = tl.load(coef + 2 * t)
     bc2_sqrt = tl.load(coef + 2 * t + 1)
     beta1 = f64(b1_hi, b1_lo)
@@ -37,7 +37,7 @@ def update(
     tl.store(b1p + offs, eas_new.to(DB1), mask=go)
     v = eas_new
     if AMSGRAD:
-        b2p = operand_ptr(ptrs, n_tensors, ROW_STATE_MAX, t, DB2, ALIGN)
+        b2p = operand_ptr(tab, tab, LAYOUT, ROW_STATE_MAX, t, DB2, ALIGN)
         vmax = tl.load(b2p + offs, mask=m, other=0.0).to(tl.float32)
         # torch.maximum propagates NaN, tl.maximum drops it (issue 17)
         v = tl.maximum(vmax, eas_new, propagate_nan=tl.PropagateNan.ALL)
