@@ -40,9 +40,9 @@ def test_found_inf_read_by_the_kernel(backend: str, found: float, case: str, mon
         def __getattr__(self, name: str):
             return getattr(cpu, name)
 
-        def combine_step(self, table, n_rows, n_chunks, config, stream):
+        def combine_step(self, table, dyn, n_rows, n_chunks, config, stream):
             seen.append(config["found_inf_ptr"])
-            cpu.combine_step(table, n_rows, n_chunks, {**config, "found_inf_ptr": found_inf.data_ptr()}, stream)
+            cpu.combine_step(table, dyn, n_rows, n_chunks, {**config, "found_inf_ptr": found_inf.data_ptr()}, stream)
 
     monkeypatch.setattr(combine, "_C", WithFoundInfAddress())
     p_got, s_got = clone(params), {k: clone(v) for k, v in state.items()}
