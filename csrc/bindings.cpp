@@ -19,7 +19,9 @@ fastclu::CombineConfig make_config(const py::dict& d) {
     if (!d.contains(k)) throw py::key_error(std::string("combine_step config is missing ") + k);
     return d[k];
   };
-  c.adamw = get("adamw").cast<bool>();
+  c.rule = get("rule").cast<int>();
+  const int n_rules = static_cast<int>(fastclu::combine_rules().size());
+  if (c.rule < 0 || c.rule >= n_rules) throw py::value_error("combine_step: unknown rule id");
   c.n_roles = get("n_roles").cast<int>();
   c.masked_bits = get("masked_bits").cast<unsigned>();
   c.update_mode = get("update_mode").cast<bool>();
@@ -27,15 +29,14 @@ fastclu::CombineConfig make_config(const py::dict& d) {
   c.has_restore = get("has_restore").cast<bool>();
   c.has_penalty = get("has_penalty").cast<bool>();
   c.maximize = get("maximize").cast<bool>();
-  c.nesterov = get("nesterov").cast<bool>();
-  c.init_momentum = get("init_momentum").cast<bool>();
-  c.amsgrad = get("amsgrad").cast<bool>();
-  c.momentum = get("momentum").cast<double>();
-  c.dampening = get("dampening").cast<double>();
-  c.weight_decay = get("weight_decay").cast<double>();
-  c.beta1 = get("beta1").cast<double>();
-  c.beta2 = get("beta2").cast<double>();
-  c.eps = get("eps").cast<double>();
+  auto slots = get("hparams").cast<std::vector<double>>();
+  auto flags = get("flags").cast<std::vector<int>>();
+  if (slots.size() != static_cast<size_t>(fastclu::kRuleSlots))
+    throw py::value_error("combine_step: hparams must have " + std::to_string(fastclu::kRuleSlots) + " slots");
+  if (flags.size() != static_cast<size_t>(fastclu::kRuleFlags))
+    throw py::value_error("combine_step: flags must have " + std::to_string(fastclu::kRuleFlags) + " entries");
+  for (int i = 0; i < fastclu::kRuleSlots; ++i) c.hparams[i] = slots[i];
+  for (int i = 0; i < fastclu::kRuleFlags; ++i) c.flags[i] = flags[i];
   auto scal = [&](const char* k, double& v, uint64_t& p) {
     auto t = get(k).cast<std::pair<double, uint64_t>>();
     v = t.first;
@@ -82,6 +83,11 @@ PYBIND11_MODULE(_C, m) {
     rows["step"] = static_cast<int>(fastclu::kStep);
     m.attr("COMBINE_ROWS") = rows;
     m.attr("COMBINE_OPERANDS") = static_cast<int>(fastclu::kCombineOps);
+    py::dict rules;  // the update rules' dispatch ids, checked against fastclu.ops.rules.RULES
+    for (const auto& r : fastclu::combine_rules()) rules[py::str(r.first)] = r.second;
+    m.attr("COMBINE_RULES") = rules;
+    m.attr("RULE_SLOTS") = fastclu::kRuleSlots;
+    m.attr("RULE_FLAGS") = fastclu::kRuleFlags;
   }
   {
     using namespace fastclu;

@@ -1,10 +1,12 @@
 // combine_step_: the saliency-masked combination of up to 4 role gradients fused into an update
 // rule (a Rule template parameter: csrc/rules/<rule>.cuh), in torch.optim's single-tensor
-// operation order, all in fp32. This file is the shared prologue, written once.
+// operation order, all in fp32. This file is the shared prologue, written once, and the rule
+// table (one line per rule).
 #include "combine.cuh"
 #include "common.cuh"
 #include "ops.h"
 #include "rules/adamw.cuh"
+#include "rules/classp.cuh"
 #include "rules/sgd.cuh"
 
 namespace fastclu {
@@ -13,18 +15,10 @@ namespace {
 
 template <class Rule>
 struct CombineOp {
-  using Ctx = RuleCtx;
+  using Ctx = typename Rule::Ctx;
   CombineArgs a;
 
-  __device__ Ctx prepare(const Chunk& ch) const {
-    Ctx c;
-    c.lr = a.lr.get();
-    c.step_size = c.lr;
-    c.bc2_sqrt = 1.f;
-    c.decay = 1.f;
-    Rule::prepare(a, ch, c);
-    return c;
-  }
+  __device__ Ctx prepare(const Chunk& ch) const { return Rule::prepare(a, ch, a.lr.get()); }
 
   __device__ void operator()(const Chunk& ch, const Ctx& cx, int64_t j, int cnt, bool vec) const {
     float theta[8], g[8], tmp[8];
@@ -115,11 +109,36 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Table t, CombineOp<Ru
 
 Scal scal_of(double v, uint64_t p) { return as_scal(v, p); }
 
+template <class Rule>
+void launch_rule(const Table& t, const CombineArgs& a, int grid, uint64_t stream) {
+  FASTCLU_LAUNCH(combine_kernel<Rule>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<Rule>{a});
+}
+
+struct RuleEntry {
+  const char* name;
+  void (*launch)(const Table&, const CombineArgs&, int, uint64_t);
+};
+
+// One line per rule of fastclu.ops.rules.RULES; the index is the rule's id (checked by a test).
+const RuleEntry kRuleTable[] = {
+    {"sgd", launch_rule<Sgd>},
+    {"adamw", launch_rule<AdamW>},
+    {"classp", launch_rule<Classp>},
+};
+constexpr int kNumRules = static_cast<int>(sizeof(kRuleTable) / sizeof(kRuleTable[0]));
+
 }  // namespace
+
+std::vector<std::pair<std::string, int>> combine_rules() {
+  std::vector<std::pair<std::string, int>> out;
+  for (int i = 0; i < kNumRules; ++i) out.emplace_back(kRuleTable[i].name, i);
+  return out;
+}
 
 void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream) {
   const char* op = "combine_step_";
   const Table t = make_table(op, table, dyn, n_rows, kCombineOps, n_chunks);
+  if (cfg.rule < 0 || cfg.rule >= kNumRules) fail(op, "unknown rule id");
   if (cfg.n_roles < 1 || cfg.n_roles > 4) fail(op, "n_roles must be in [1, 4]");
   if (cfg.step_mode < 0 || cfg.step_mode > 2) fail(op, "bad step_mode");
   if (cfg.step_mode == 1 && cfg.steps_ptr == 0) fail(op, "step_mode 1 needs steps_ptr");
@@ -133,21 +152,10 @@ void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, co
   a.has_restore = cfg.has_restore;
   a.has_penalty = cfg.has_penalty;
   a.maximize = cfg.maximize;
-  a.nesterov = cfg.nesterov;
-  a.init_momentum = cfg.init_momentum;
-  a.amsgrad = cfg.amsgrad;
   a.has_grad_scale = cfg.has_grad_scale;
-  a.momentum = static_cast<float>(cfg.momentum);
-  a.dampening = static_cast<float>(cfg.dampening);
-  a.weight_decay = static_cast<float>(cfg.weight_decay);
-  a.weight_decay_d = cfg.weight_decay;
-  a.one_minus_dampening = static_cast<float>(1.0 - cfg.dampening);
+  for (int i = 0; i < kRuleSlots; ++i) a.h[i] = cfg.hparams[i];
+  for (int i = 0; i < kRuleFlags; ++i) a.sw[i] = cfg.flags[i];
   a.lr_host = cfg.lr;
-  a.beta1 = static_cast<float>(cfg.beta1);
-  a.beta2 = static_cast<float>(cfg.beta2);
-  a.eps = static_cast<float>(cfg.eps);
-  a.beta1_d = cfg.beta1;
-  a.beta2_d = cfg.beta2;
   a.lr = scal_of(cfg.lr, cfg.lr_ptr);
   a.scale = scal_of(cfg.scale, cfg.scale_ptr);
   a.penalty = scal_of(cfg.penalty, cfg.penalty_ptr);
@@ -157,10 +165,7 @@ void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, co
   a.step_mode = cfg.step_mode;
   a.step = cfg.step;
   a.steps = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.steps_ptr));
-  const int grid = grid_for(op, n_chunks);
-  // one line per rule of fastclu.ops.rules.RULES
-  if (cfg.adamw) FASTCLU_LAUNCH(combine_kernel<AdamW>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<AdamW>{a});
-  else FASTCLU_LAUNCH(combine_kernel<Sgd>, grid, kThreads, 0, as_stream(stream))(t, CombineOp<Sgd>{a});
+  kRuleTable[cfg.rule].launch(t, a, grid_for(op, n_chunks), stream);
   check_launch(op);
 }
 

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace fastclu {
@@ -63,32 +65,41 @@ struct RowNormRows { enum : int { kParam = 0, kNorms = 1, kOps = 2 }; };
 struct GramRows { enum : int { kGrad0 = 0, kMask = 4, kOps = 5 }; };  // role r at kGrad0 + r
 struct RestoreRows { enum : int { kParam = 0, kBackup = 1, kOps = 2 }; };
 
+// Hyperparameter slots and switches of an update rule (fastclu/ops/rules.py N_SLOTS, N_FLAGS).
+constexpr int kRuleSlots = 6;
+constexpr int kRuleFlags = 4;
+
 struct CombineConfig {
-  bool adamw = false;
+  int rule = 0;  // index into combine.cu's rule table (fastclu.ops.rules.RULES[name].id)
   int n_roles = 1;
   unsigned masked_bits = 0;  // bit r: role r is gated by the mask
   bool update_mode = false;
   bool has_mask = false, has_restore = false, has_penalty = false;
-  bool maximize = false, nesterov = false, init_momentum = false, amsgrad = false;
-  double momentum = 0, dampening = 0, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  bool maximize = false;
+  double hparams[kRuleSlots] = {0, 0, 0, 0, 0, 0};  // the rule's slots (StepConfig.slots)
+  int flags[kRuleFlags] = {0, 0, 0, 0};            // the rule's switches (StepConfig.flags)
   double lr = 0; uint64_t lr_ptr = 0;
   double scale = 1; uint64_t scale_ptr = 0;
   double penalty = 0; uint64_t penalty_ptr = 0;
   double coeff[4] = {1, 1, 1, 1}; uint64_t coeff_ptr[4] = {0, 0, 0, 0};
   double grad_scale = 1; uint64_t grad_scale_ptr = 0; bool has_grad_scale = false;
   uint64_t found_inf_ptr = 0;
-  // AdamW step: 0 one host value for every tensor, 1 fp32 device array indexed by tensor index,
-  // 2 each row's operand 12 points to the (already incremented) fp32 step counter.
+  // Step counters of a rule that keeps them: 0 one host value for every tensor, 1 fp32 device
+  // array indexed by tensor index, 2 each row's operand 12 points to the (already incremented)
+  // fp32 step counter.
   int step_mode = 0; double step = 1; uint64_t steps_ptr = 0;
 };
+// The update rules of combine.cu's table, as (name, id) in id order (exposed as _C.COMBINE_RULES).
+std::vector<std::pair<std::string, int>> combine_rules();
 // Operand rows of the combine table; the same names and numbers as fastclu/ops/tables.py
 // CombineRow (checked by a test through fastclu._C.COMBINE_ROWS).
 enum CombineRow : int {
   kParam = 0, kRestore = 1, kGrad0 = 2, kMask = 6, kState0 = 7, kState1 = 8, kStateMax = 9,
   kImportance = 10, kAnchor = 11, kStep = 12, kCombineOps = 13
 };
-// operands: 0 params, 1 restore_from, 2..5 role grads, 6 mask, 7 momentum_buffer / exp_avg,
-// 8 exp_avg_sq, 9 max_exp_avg_sq, 10 importance, 11 anchor, 12 step counter (kPtr)
+// operands: 0 params, 1 restore_from, 2..5 role grads, 6 mask, 7..9 the rule's state lists
+// (SGD: momentum_buffer; AdamW: exp_avg, exp_avg_sq, max_exp_avg_sq; CLASSP: acc), 10 importance,
+// 11 anchor, 12 step counter (kPtr)
 void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, const CombineConfig& cfg, uint64_t stream);
 
 }  // namespace fastclu

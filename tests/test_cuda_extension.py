@@ -26,6 +26,7 @@ import torch
 
 from fastclu import _registry, ops
 from fastclu.ops._table import HEADER
+from fastclu.ops.rules import RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
@@ -385,12 +386,14 @@ def test_combine_wrapper_config_and_operands(recorder: _Recorder) -> None:
     assert len(operands) == len(_LAYOUT["combine_step"])
     assert all(_same(a, b) for a, b in zip(operands, want)), "combine operands out of kernel order"
     cfg = args[_T]
-    assert cfg["adamw"] and cfg["amsgrad"] and cfg["maximize"] and cfg["update_mode"] and cfg["has_mask"]
+    assert cfg["rule"] == RULES["adamw"].id and cfg["flags"][1] and cfg["maximize"] and cfg["update_mode"]
+    assert cfg["has_mask"] and "adamw" not in cfg  # a rule id, no per-rule flag
     assert cfg["has_restore"] and cfg["has_penalty"] and not cfg["has_grad_scale"] and cfg["found_inf_ptr"] == 0
     assert cfg["n_roles"] == 2 and cfg["masked_bits"] == 0b01
     assert cfg["lr"] == (0.01, 0) and cfg["scale"] == (0.7, 0) and cfg["penalty"] == (0.3, 0)
     assert cfg["coeffs"] == [(1.0, 0), (-0.5, 0)]  # a CPU 0-d tensor is read on the host
-    assert (cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"]) == (0.8, 0.9, 1e-6, 0.01)
+    # AdamW's slots (fastclu.ops.rules): weight_decay, beta1, beta2, eps; the rest zero
+    assert cfg["hparams"] == [0.01, 0.8, 0.9, 1e-6, 0.0, 0.0] and cfg["flags"] == [1, 1, 0, 0]
     # CPU step counters: incremented on the host (as the reference does) and passed as one value
     assert cfg["step_mode"] == 0 and cfg["step"] == 5.0 and all(float(s) == 5.0 for s in st["step"])
     # the binding rejects a bad config before it touches anything (coeff[] has room for 4 roles)

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from fastclu._registry import choose, current_backend, device_type, implementation, use_backend
 from fastclu.ops import _checks as C
-from fastclu.ops._spec import Arg, OpSpec
+from fastclu.ops._spec import Arg, OpSpec, _hparam_value
 from fastclu.ops.bits import count_bits, pack_bits, packed_numel, unpack_bits
-from fastclu.ops.rules import RULES, StepConfig
+from fastclu.ops.rules import HPARAMS, RULES, StepConfig
 
 Scalar = float | Tensor
 
@@ -248,13 +248,36 @@ def _check_combine(v: dict) -> None:
     _check_combine_state(v)
 
 
+def _check_hparams(v: dict) -> dict:
+    """The rule's hyperparameters, typed and with defaults; another rule's set to a non-default
+    value is an error (it would be ignored silently)."""
+    rule = RULES[v["rule"]]
+    given = dict(v["hparams"])
+    unknown = [k for k in given if k not in HPARAMS]
+    if unknown:
+        raise TypeError(f"combine_step_() got an unexpected keyword argument {unknown[0]!r}")
+    out = {}
+    for name, default in HPARAMS.items():
+        x = given.get(name, default)
+        try:
+            x = _hparam_value(x, default)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a {type(default).__name__}, got {x!r}") from e
+        if isinstance(default, tuple) and len(x) != len(default):
+            raise ValueError(f"{name} must have {len(default)} entries, got {len(x)}")
+        if name in rule.hparams:
+            out[name] = x
+        elif x != default:
+            raise ValueError(f"{name} is not a hyperparameter of rule={rule.name!r} (it takes {list(rule.hparams)})")
+    return out
+
+
 def _check_combine_state(v: dict) -> None:
     params, state = v["params"], v["state"]
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of tensor lists, got {type(state).__name__}")
-    betas = v["betas"]
-    cfg = StepConfig(v["rule"], v["lr"], v["weight_decay"], v["maximize"], v["momentum"], v["dampening"],
-                     v["nesterov"], v["init_momentum"], (float(betas[0]), float(betas[1])), v["eps"], v["amsgrad"])  # fmt: skip
+    v["hparams"] = _check_hparams(v)
+    cfg = StepConfig(v["rule"], v["lr"], v["maximize"], **v["hparams"])
     for key in cfg.state_keys:
         if key not in state:
             raise ValueError(f"state is missing {key!r} (needed by rule={cfg.rule!r})")
@@ -265,7 +288,6 @@ def _check_combine_state(v: dict) -> None:
         else:
             C.aligned(f"state[{key!r}]", state[key], "params", params)
     cfg.validate()  # the one validation of the rule's hyperparameters
-    v["betas"] = cfg.betas
 
 
 _spec(OpSpec("combine_step_", (
@@ -285,16 +307,9 @@ _spec(OpSpec("combine_step_", (
     Arg("grad_scale", "tensor", None, keyword=True),
     Arg("found_inf", "tensor", None, keyword=True),
     Arg("restore_from", "tensors", None, like="params", optional=True, keyword=True),
-    Arg("weight_decay", "float", 0.0, keyword=True),
     Arg("maximize", "bool", False, keyword=True),
-    Arg("momentum", "float", 0.0, keyword=True),
-    Arg("dampening", "float", 0.0, keyword=True),
-    Arg("nesterov", "bool", False, keyword=True),
-    Arg("init_momentum", "bool", False, keyword=True),
-    Arg("betas", "floats", (0.9, 0.999), keyword=True),
-    Arg("eps", "float", 1e-8, keyword=True),
-    Arg("amsgrad", "bool", False, keyword=True),
-), check=_check_combine, state_keys=("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")))  # fmt: skip
+    Arg("hparams", "hparams", HPARAMS, keyword=True),
+), check=_check_combine, state_keys=tuple(dict.fromkeys(k for r in RULES.values() for k in r.state))))  # fmt: skip
 
 
 def combine_step_(
@@ -315,18 +330,11 @@ def combine_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     restore_from: list[Tensor] | None = None,
-    weight_decay: float = 0.0,
     maximize: bool = False,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    nesterov: bool = False,
-    init_momentum: bool = False,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    amsgrad: bool = False,
     backend: str | None = None,
+    **hparams: float | bool | tuple[float, ...],
 ) -> None:
-    """Fused saliency-masked gradient combination + SGD / AdamW update, in place.
+    """Fused saliency-masked gradient combination + an update rule (SGD, AdamW, CLASSP), in place.
 
     Per element, in fp32::
 
@@ -334,7 +342,8 @@ def combine_step_(
         g = g / grad_scale                                  # if grad_scale (AMP) is given
         g = g + penalty * importance * (theta - anchor)     # if importance/anchor given
         g = -g if maximize
-        then torch.optim.SGD's or AdamW's update (same op order as torch's single-tensor path)
+        then the rule's update: torch.optim.SGD's or AdamW's (same op order as torch's
+        single-tensor path), or CLASSP's (:class:`fastclu.optim.CLASSP`)
 
     Args:
         params: parameters (fp32/fp16/bf16), updated in place.
@@ -342,7 +351,9 @@ def combine_step_(
         state: fp32 state lists aligned with params. ``rule="sgd"``: ``"momentum_buffer"``
             (required when ``momentum != 0``). ``rule="adamw"``: ``"exp_avg"``, ``"exp_avg_sq"``,
             ``"step"`` (0-d fp32 tensors, incremented by the op), and ``"max_exp_avg_sq"``
-            when ``amsgrad``.
+            when ``amsgrad``. ``rule="classp"``: ``"acc"`` (accumulated ``|g|**power``) and
+            ``"step"``.
+        rule: a name of :data:`fastclu.ops.rules.RULES`.
         lr: learning rate (float or 0-d tensor).
         coeffs: per-role coefficients (default all 1.0).
         scale: multiplies the combined role gradient (e.g. a clip factor from :func:`gram`).
@@ -356,15 +367,22 @@ def combine_step_(
             kept by :func:`perturb_`) and writes the result to params: a fused ``restore_``.
             The restore is not part of the step: when ``found_inf`` skips the update, params
             still receive the ``restore_from`` values.
-        init_momentum: SGD's first step: ``momentum_buffer = d_p`` instead of the update
-            (torch's ``buf is None`` branch). In update mode masked-out entries keep their value.
+        maximize: negate the combined gradient (ascend).
+        hparams: the rule's hyperparameters (:attr:`fastclu.ops.rules.Rule.hparams`; another
+            rule's at a non-default value is an error). ``sgd``: ``weight_decay``, ``momentum``,
+            ``dampening``, ``nesterov``, ``init_momentum`` (the first step:
+            ``momentum_buffer = d_p``, torch's ``buf is None`` branch; in update mode masked-out
+            entries keep their value). ``adamw``: ``weight_decay``, ``betas``, ``eps``,
+            ``amsgrad``. ``classp``: ``threshold`` (a weight moves only where
+            ``g**2 > threshold``), ``power`` (``acc += |g|**power``), ``eps``,
+            ``apply_scaling`` (divide by ``(acc + eps)**(1/power)``). Defaults:
+            :data:`fastclu.ops.rules.HPARAMS`.
     """
     values = {
         "params": params, "grads": grads, "state": state, "rule": rule, "lr": lr, "coeffs": coeffs, "scale": scale,
         "mask": mask, "masked": masked, "mask_mode": mask_mode, "penalty": penalty, "importance": importance,
         "anchor": anchor, "grad_scale": grad_scale, "found_inf": found_inf, "restore_from": restore_from,
-        "weight_decay": weight_decay, "maximize": maximize, "momentum": momentum, "dampening": dampening,
-        "nesterov": nesterov, "init_momentum": init_momentum, "betas": betas, "eps": eps, "amsgrad": amsgrad,
+        "maximize": maximize, "hparams": hparams,
     }  # fmt: skip
     _call("combine_step_", backend, values)
 

@@ -21,6 +21,9 @@ tensor      Tensor or None                 ``Tensor? n``
 float/int/  Python value                   ``float n`` / ``int n`` / ``bool n`` / ``str n``
 bool/str
 floats      tuple[float, ...]              ``float[] n``
+hparams     ``**n`` of the public function:   one ``float`` / ``bool`` / ``float[]`` per name of
+            {name: value} (defaults: the      the default dict (typed by its default); passed to
+            Arg's default dict)               the backends as keywords (``**n``)
 host        Python object (seed, ...)      not in the schema: a call that sets it runs the
                                            backend directly (``Arg.host``)
 =========== ============================== ===========================================
@@ -78,7 +81,11 @@ class OpSpec:
         if len(args) > len(self.args):
             raise TypeError(f"{self.name}() takes at most {len(self.args)} positional arguments")
         values = dict(zip([a.name for a in self.args], args))
+        extra = next((a for a in self.args if a.kind == "hparams"), None)
         for k, v in kwargs.items():
+            if extra is not None and k not in self.by_name and k in extra.default:
+                values.setdefault(extra.name, {})[k] = v
+                continue
             if k not in self.by_name:
                 raise TypeError(f"{self.name}() got an unexpected keyword argument {k!r}")
             if k in values:
@@ -86,6 +93,9 @@ class OpSpec:
             values[k] = v
         for a in self.args:
             if a.name not in values:
+                if a.kind == "hparams":
+                    values[a.name] = {}
+                    continue
                 if a.default is REQUIRED:
                     raise TypeError(f"{self.name}() missing required argument {a.name!r}")
                 values[a.name] = a.default
@@ -120,7 +130,10 @@ class OpSpec:
     def call(self, impl: Callable, values: dict) -> object:
         """Call a backend implementation: positional arguments first, then the keyword ones."""
         pos = [values[a.name] for a in self.args if not a.keyword]
-        kw = {a.name: values[a.name] for a in self.args if a.keyword}
+        kw = {a.name: values[a.name] for a in self.args if a.keyword and a.kind != "hparams"}
+        for a in self.args:
+            if a.kind == "hparams":
+                kw.update(values[a.name])
         return impl(*pos, **kw)
 
     def has_host_only(self, values: dict) -> bool:
@@ -154,6 +167,8 @@ class OpSpec:
                 parts.append(f"Tensor? {n}")
             elif k == "floats":
                 parts.append(f"float[] {n}")
+            elif k == "hparams":
+                parts += [f"{_hparam_type(d)} {h}" for h, d in a.default.items()]
             elif k in ("float", "int", "bool", "str"):
                 parts.append(f"{k} {n}")
         parts.append("str backend")
@@ -190,6 +205,8 @@ class OpSpec:
                          [c if isinstance(c, Tensor) else None for c in v]]  # fmt: skip
             elif k == "floats":
                 flat.append([float(x) for x in v])
+            elif k == "hparams":
+                flat += [_hparam_value(v.get(h, d), d) for h, d in a.default.items()]
             elif k != "host":
                 flat.append(v)
         return flat
@@ -218,6 +235,8 @@ class OpSpec:
                 values[a.name] = [t if t is not None else v for v, t in zip(vs, ts)]
             elif k == "floats":
                 values[a.name] = tuple(next(it))
+            elif k == "hparams":
+                values[a.name] = {h: _hparam_value(next(it), d) for h, d in a.default.items()}
             elif k == "flags":
                 values[a.name] = list(next(it))
             elif k == "host":
@@ -239,3 +258,19 @@ class OpSpec:
             return torch.empty((n, n), dtype=torch.float32, device=dev)
         dev = first[0].device if first else None
         return torch.empty((), dtype=torch.float32, device=dev), torch.empty((), dtype=torch.float32, device=dev)
+
+
+def _hparam_type(default: object) -> str:
+    """Schema type of a hyperparameter, from its default's type."""
+    if isinstance(default, bool):
+        return "bool"
+    return "float[]" if isinstance(default, tuple) else "float"
+
+
+def _hparam_value(v: object, default: object) -> object:
+    """``v`` as the type of ``default`` (bool, float, or a tuple of floats)."""
+    if isinstance(default, bool):
+        return bool(v)
+    if isinstance(default, tuple):
+        return tuple(float(x) for x in v)  # type: ignore[union-attr]
+    return float(v)  # type: ignore[arg-type]

@@ -28,14 +28,15 @@ from torch.optim import Optimizer
 from fastclu import distributed, ops
 from fastclu._registry import BACKENDS
 from fastclu._scalars import check_scalar
+from fastclu.ops.rules import RULES
 
 STASH = "stash."
 GRAD = "grad"
 MAX_ROLES = 4
-# Per-parameter buffers of fastclu's (and torch's) SGD / AdamW: one optimizer's state must not
-# load into the other.
+# Per-parameter buffers of every update rule (fastclu's and torch's SGD / AdamW, CLASSP): one
+# optimizer's state must not load into another.
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_KNOWN_BUFFERS = frozenset({"momentum_buffer", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+_KNOWN_BUFFERS = frozenset(k for r in RULES.values() for k in r.state)
 
 
 def _numpy_to_float_(group: dict[str, Any]) -> None:
@@ -507,7 +508,7 @@ class RoleOptimizer(Optimizer):
         _as_scalar(f"{name}['penalty']", group["penalty"], lo=0.0)
 
     def _own_state_keys(self) -> set[str]:
-        return set(self._buffer_keys) | ({"step"} if "exp_avg" in self._buffer_keys else set())
+        return set(RULES[self._rule].state)
 
     def _parse_state_entry(self, pid: Any, p: Tensor, entry: object) -> dict[Any, Any]:
         """The state of one parameter, checked against ``p`` and cast (copies; nothing changes)."""

@@ -1,4 +1,4 @@
-"""CLASSP (arXiv 2405.09637): AdaGrad-style decay of adjustment with a per-weight gradient gate.
+"""``fastclu.optim.CLASSP`` (arXiv 2405.09637): AdaGrad-style decay of adjustment with a per-weight gate.
 
 Per weight, with ``g`` the gradient and ``acc`` the accumulated adjustment (fp32 state)::
 
@@ -8,7 +8,8 @@ Per weight, with ``g`` the gradient and ``acc`` the accumulated adjustment (fp32
         theta -= lr * g                                (apply_scaling=False)
 
 Weights whose squared gradient does not exceed ``threshold`` do not move and their ``acc``
-does not grow: the updates are sparse, and a weight that has moved much is damped later.
+does not grow: the updates are sparse, and a weight that has moved much is damped later. A
+NaN gradient fails the gate (the weight stays as it is).
 
 Where this differs from the public code (oswaldoludwig/CLASSP, ``CLASSP.py``):
   * the gate there is per tensor: ``(grad**2).any() > threshold`` compares a *bool* with the
@@ -17,132 +18,99 @@ Where this differs from the public code (oswaldoludwig/CLASSP, ``CLASSP.py``):
   * the code accumulates ``|g|``, not ``|g|**p`` (``add_(grad.abs()) ** power`` discards the
     power); here ``acc += |g|**p``. For the default ``p = 1`` both agree.
 
-Implemented in PyTorch with ``torch._foreach_*`` passes (the gate is a per-tensor comparison:
-there is no foreach comparison). The fused ``combine_step_`` rule for every backend (with
-masks, roles and the anchor penalty) is pending the op-layer redesign; this class is the
-reference for it.
+The update is the ``"classp"`` rule of the fused :func:`fastclu.ops.combine_step_` (every
+backend), so CLASSP takes role gradients, saliency masks, clipping, the anchor penalty, AMP and
+the fastclu wrappers as :class:`~fastclu.optim.SGD` and :class:`~fastclu.optim.AdamW` do.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from fastclu.optim._base import SparseGradientError
+from fastclu._scalars import check_scalar
+from fastclu.optim._base import RoleOptimizer, state_dtype
 
 __all__ = ["CLASSP"]
 
 
-def _positive(name: str, v: object, *, strict: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if v < 0 or (strict and v == 0):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} 0, got {v!r}")
-    return float(v)
+def _check_hparams(lr: Any, threshold: Any, eps: Any, power: Any, *, sync_ok: bool = True) -> None:
+    """Every hyper-parameter finite and in range (see ``fastclu._scalars`` for device tensors)."""
+    check_scalar("lr", lr, lo=0.0, sync_ok=sync_ok)
+    check_scalar("threshold", threshold, lo=0.0, tensor_ok=False)
+    check_scalar("eps", eps, lo=0.0, lo_open=True, tensor_ok=False)
+    check_scalar("power", power, lo=0.0, lo_open=True, tensor_ok=False)
 
 
-class CLASSP(Optimizer):
+class CLASSP(RoleOptimizer):
     """CLASSP optimizer (per-weight gate, ``acc += |g|**p``; see the module docstring).
 
     Args:
         params: iterable of parameters or param-group dicts (fp32 / fp16 / bf16 / fp64).
-        lr: learning rate (paper default 0.2).
+        lr: learning rate (paper default 0.2; a number or a 1-element tensor).
         threshold: gate on the squared gradient, ``g**2 > threshold`` (default 0.5; 0 gates
             only exact zeros).
         eps: added to ``acc`` before the root (> 0, default 1e-5).
         power: ``p`` (> 0, default 1).
         apply_scaling: divide by ``(acc + eps)**(1/p)`` (default True, the paper's rule).
         maximize: ascend instead of descend.
+        backend: the ops backend (None: automatic, see :mod:`fastclu._registry`).
 
     State per parameter: ``"acc"`` (fp32; fp64 for fp64 parameters, same shape) and ``"step"``
-    (0-d fp32 tensor), saved in ``state_dict``. The math is done in fp32 (fp64 for fp64).
+    (0-d fp32 tensor on the parameter's device), saved in ``state_dict``. The math is done in
+    fp32 (fp64 for fp64). Beyond the paper: :meth:`stash`, :meth:`set_mask`,
+    :meth:`set_anchor` and ``step(closure=None, *, combine=None, clip=None)`` (see
+    :class:`fastclu.optim._base.RoleOptimizer`). In mask mode ``"grad"`` a masked-out weight
+    sees a zero gradient, which never passes the gate; in ``"update"`` mode it and its ``acc``
+    are frozen whatever the gradient.
     """
+
+    _rule = "classp"
+    _buffer_keys = ("acc",)
 
     def __init__(
         self,
         params: Any,
-        lr: float = 0.2,
+        lr: float | Tensor = 0.2,
         threshold: float = 0.5,
         eps: float = 1e-5,
         power: float = 1.0,
         *,
         apply_scaling: bool = True,
         maximize: bool = False,
+        backend: str | None = None,
     ) -> None:
+        _check_hparams(lr, threshold, eps, power)
         defaults = {
-            "lr": _positive("lr", lr),
-            "threshold": _positive("threshold", threshold),
-            "eps": _positive("eps", eps, strict=True),
-            "power": _positive("power", power, strict=True),
-            "apply_scaling": bool(apply_scaling),
-            "maximize": bool(maximize),
-        }
-        super().__init__(params, defaults)
+            "lr": lr, "threshold": float(threshold), "eps": float(eps), "power": float(power),
+            "apply_scaling": bool(apply_scaling), "maximize": bool(maximize),
+        }  # fmt: skip
+        super().__init__(params, defaults, backend)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key, strict in (("lr", False), ("threshold", False), ("eps", True), ("power", True)):
-            if key in param_group:
-                _positive(f"param_group[{key!r}]", param_group[key], strict=strict)
-        super().add_param_group(param_group)
+    def _check_group(self, group: dict[str, Any], sync_ok: bool = False) -> None:
+        _check_hparams(group["lr"], group["threshold"], group["eps"], group["power"], sync_ok=sync_ok)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One CLASSP update of every parameter with a gradient (no-op for missing grads)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise SparseGradientError("CLASSP does not support sparse gradients")
-            if params:
-                self._step_group(group, params)
-        return loss
+    def _required_group_keys(self) -> tuple[str, ...]:
+        return ("lr", "threshold", "eps", "power", "apply_scaling")
 
-    def _state(self, p: Tensor) -> dict[str, Tensor]:
-        st = self.state[p]
+    def _needs_init(self, group: dict[str, Any], st: dict[str, Any]) -> bool:
+        # Fresh state (acc 0, step 0) is indistinguishable from no state: no AMP sync needed.
+        return False
+
+    def _init_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any]) -> bool:
         if "acc" not in st:
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-            st["acc"] = torch.zeros(p.shape, dtype=dt, device=p.device)
+            st["acc"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
+        if "step" not in st:
             st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        return st
+        return False
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        states = [self._state(p) for p in params]
-        accs = [s["acc"] for s in states]
-        grads = [p.grad.to(a.dtype) for p, a in zip(params, accs)]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        p_pow = float(group["power"])
-        # The gate: one boolean per weight (a per-tensor comparison: no foreach compare exists).
-        sq = torch._foreach_mul(grads, grads)
-        gates = [(s > group["threshold"]).to(s.dtype) for s in sq]
-        gated = torch._foreach_mul(grads, gates)
-        if group["apply_scaling"]:
-            mag = torch._foreach_abs(gated)
-            if p_pow != 1.0:
-                torch._foreach_pow_(mag, p_pow)
-            torch._foreach_add_(accs, mag)
-            denom = torch._foreach_add(accs, group["eps"])
-            if p_pow != 1.0:
-                torch._foreach_pow_(denom, 1.0 / p_pow)
-            upd = torch._foreach_div(gated, denom)
-        else:
-            upd = gated
-        torch._foreach_mul_(upd, -float(group["lr"]))
-        low = [i for i, p in enumerate(params) if p.dtype != accs[i].dtype]
-        if low:
-            # fp16/bf16 weights: add in fp32, round once.
-            for i in low:
-                params[i].copy_(params[i].to(accs[i].dtype) + upd[i])
-        same = [i for i in range(len(params)) if params[i].dtype == accs[i].dtype]
-        if same:
-            torch._foreach_add_([params[i] for i in same], [upd[i] for i in same])
-        torch._foreach_add_([s["step"] for s in states], 1.0)
+    def _state_lists(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, list[Tensor]]:
+        return {k: [self.state[p][k] for p in params] for k in ("acc", "step")}
+
+    def _rule_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "threshold": float(group["threshold"]), "power": float(group["power"]), "eps": float(group["eps"]),
+            "apply_scaling": bool(group["apply_scaling"]), "maximize": bool(group["maximize"]),
+        }  # fmt: skip

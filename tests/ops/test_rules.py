@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastclu.ops as O
-from fastclu.ops.rules import RULES, StepConfig
+from fastclu.ops.rules import HPARAMS, N_FLAGS, N_SLOTS, RULES, StepConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,9 @@ def test_every_rule_has_a_file_per_backend(rule: str) -> None:
         assert (ROOT / path).is_file(), f"rule {rule!r}: {path} is missing"
     assert callable(importlib.import_module(f"fastclu.ops.reference.rules.{rule}").update)
     # the CUDA dispatch names the rule's struct (one launch line per rule)
-    assert f"rules/{rule}.cuh" in (ROOT / "csrc/combine.cu").read_text()
+    cu = (ROOT / "csrc/combine.cu").read_text()
+    assert f"rules/{rule}.cuh" in cu
+    assert f'{{"{rule}", launch_rule<' in cu
 
 
 def test_step_config_is_frozen_and_validates_once() -> None:
@@ -46,5 +48,41 @@ def test_step_config_is_frozen_and_validates_once() -> None:
 
 def test_rule_choice_comes_from_the_registry() -> None:
     p = [torch.randn(3)]
-    with pytest.raises(ValueError, match=r"rule must be one of \['sgd', 'adamw'\]"):
+    with pytest.raises(ValueError, match=r"rule must be one of \['sgd', 'adamw', 'classp'\]"):
         O.combine_step_(p, [p], {}, rule="lion", lr=0.1)
+
+
+@pytest.mark.parametrize("module", ["fastclu._C_cpu", "fastclu._C"])
+def test_cuda_rule_ids_are_the_registry(module: str) -> None:
+    """The CUDA rule table (csrc/combine.cu) dispatches by the ids RULES declares."""
+    C = pytest.importorskip(module)
+    assert dict(C.COMBINE_RULES) == {name: r.id for name, r in RULES.items()}
+    assert (C.RULE_SLOTS, C.RULE_FLAGS) == (N_SLOTS, N_FLAGS)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rule_declarations_fit_the_kernels(rule: str) -> None:
+    r = RULES[rule]
+    cfg = StepConfig(rule, 0.1)
+    assert len(r.slots(cfg)) <= N_SLOTS and len(r.flags(cfg)) <= N_FLAGS
+    assert len(cfg.slots) == N_SLOTS and len(cfg.flags) == N_FLAGS
+    assert set(cfg.state_keys) <= set(r.state) and len(r.buffers) <= 3
+    assert all(h in HPARAMS for h in r.hparams)
+    # a rule's state rows follow its declared order, None where this configuration uses none
+    assert [k for k in cfg.state_rows if k is not None] == [k for k in r.buffers if k in cfg.state_keys]
+
+
+def test_hyperparameters_of_another_rule_are_refused() -> None:
+    p = [torch.randn(3)]
+    before = p[0].clone()
+    with pytest.raises(ValueError, match=r"betas is not a hyperparameter of rule='sgd'"):
+        O.combine_step_(p, [[torch.randn(3)]], {}, rule="sgd", lr=0.1, betas=(0.5, 0.5))
+    with pytest.raises(ValueError, match=r"weight_decay is not a hyperparameter of rule='classp'"):
+        O.combine_step_(p, [[torch.randn(3)]], {"acc": [torch.zeros(3)], "step": [torch.zeros(())]}, rule="classp",
+                        lr=0.1, weight_decay=0.1)  # fmt: skip
+    with pytest.raises(TypeError, match="unexpected keyword argument 'betaz'"):
+        O.combine_step_(p, [[torch.randn(3)]], {}, rule="sgd", lr=0.1, betaz=(0.5, 0.5))
+    assert torch.equal(p[0], before)
+    # the default of another rule's hyperparameter is accepted (the optimizers pass init_momentum always)
+    O.combine_step_(p, [[torch.randn(3)]], {"acc": [torch.zeros(3)], "step": [torch.zeros(())]}, rule="classp",
+                    lr=0.1, init_momentum=False)  # fmt: skip

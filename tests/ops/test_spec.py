@@ -21,6 +21,9 @@ def test_public_signature_is_the_spec(op: str) -> None:
     params = [p for p in inspect.signature(getattr(O, op)).parameters.values() if p.name != "backend"]
     assert [p.name for p in params] == [a.name for a in spec.args]
     for p, a in zip(params, spec.args):
+        if a.kind == "hparams":  # the rules' hyperparameters: **hparams, defaults in the spec
+            assert p.kind == inspect.Parameter.VAR_KEYWORD, f"{op}: {a.name} must be **{a.name}"
+            continue
         want = inspect.Parameter.empty if a.default is REQUIRED else a.default
         assert p.default == want, f"{op}: default of {a.name}"
         assert (p.kind == inspect.Parameter.KEYWORD_ONLY) == a.keyword, f"{op}: {a.name} keyword-only?"
@@ -36,9 +39,13 @@ def test_backend_signatures_are_the_spec(backend: str) -> None:
     for op, spec in O.SPECS.items():
         sig = inspect.signature(_registry._impls[op][backend])
         pos = [p.name for p in sig.parameters.values() if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
-        kw = [p.name for p in sig.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        kw = [p.name for p in sig.parameters.values()
+              if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD)]  # fmt: skip
         assert pos == [a.name for a in spec.args if not a.keyword], f"{op} on {backend}"
         assert kw == [a.name for a in spec.args if a.keyword], f"{op} on {backend}"
+        for a in spec.args:
+            if a.kind == "hparams":  # received as **hparams (every backend builds its StepConfig)
+                assert sig.parameters[a.name].kind == inspect.Parameter.VAR_KEYWORD, f"{op} on {backend}"
 
 
 def test_schemas_come_from_the_specs() -> None:

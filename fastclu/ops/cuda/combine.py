@@ -1,4 +1,9 @@
-"""CUDA backend: ``combine_step_`` (masked role combination fused into SGD / AdamW)."""
+"""CUDA backend: ``combine_step_`` (masked role combination fused into an update rule).
+
+Nothing here knows a rule: the kernel gets the rule's id, its float slots and switches
+(:data:`fastclu.ops.rules.RULES`), its state lists in the table's state rows, and, for a rule
+that keeps step counters, those counters incremented and a way to read them (``step_mode``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from torch import Tensor
 from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
+from fastclu.ops.rules import RULES, StepConfig
 from fastclu.ops.tables import TABLES, CombineRow, combine_operands
 
 Scalar = float | Tensor
@@ -22,7 +28,7 @@ def _is(x: Scalar, value: float) -> bool:
 def _step_source(
     steps: list[Tensor], found_inf: Tensor | None, dev: torch.device
 ) -> tuple[int, float, Tensor | None, bool]:
-    """Increment AdamW's step counters and say how the kernel reads them.
+    """Increment a rule's step counters and say how the kernel reads them.
 
     Returns ``(step_mode, step, steps_on_device, skip)``. Device counters (mode 2) are
     incremented on the stream (by 0 when ``found_inf`` is set, so no sync); CPU counters are
@@ -74,15 +80,8 @@ def combine_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     restore_from: list[Tensor] | None,
-    weight_decay: float,
     maximize: bool,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    init_momentum: bool,
-    betas: tuple[float, float],
-    eps: float,
-    amsgrad: bool,
+    **hparams: object,
 ) -> None:
     """One launch per step over every parameter (after an optional tiny step-counter update).
 
@@ -90,9 +89,9 @@ def combine_step_(
     anchor, step counter. State buffers and grads may be fp32/fp16/bf16; math is fp32.
     """
     op = "combine_step_"
-    adamw = rule == "adamw"
-    keys = (["momentum_buffer"] if momentum != 0 else []) if not adamw else (
-        ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else []))  # fmt: skip
+    cfg = StepConfig(rule, lr, maximize, **hparams)  # type: ignore[arg-type]
+    rows = cfg.state_rows
+    keys = [k for k in rows if k is not None]
     bufs = [state[k] for k in keys]
     named = [("params", params), ("mask", mask), ("importance", importance), ("anchor", anchor),
              ("restore_from", restore_from)] + [(f"grads[{r}]", g) for r, g in enumerate(grads)] + [
@@ -116,15 +115,15 @@ def combine_step_(
                 fi_keep = found_inf.reshape(()).to(device=dev, dtype=torch.float32)
                 fi_ptr = fi_keep.data_ptr()
         step_mode, step, steps_arr, skip = 0, 1.0, None, False
-        steps = state["step"] if adamw else None
-        if adamw:
+        steps = state["step"] if cfg.counts_steps else None
+        if steps is not None:
             step_mode, step, steps_arr, skip = _step_source(list(steps), found_inf, dev)
             if skip:  # CPU counters and a device found_inf that is set (already synced)
                 if restore_from is not None:
                     torch._foreach_copy_(params, restore_from)
                 return
         roles: list[list[Tensor] | None] = [list(grads[r]) if r < len(grads) else None for r in range(4)]
-        state_ops: list[list[Tensor] | None] = [bufs[k] if k < len(bufs) else None for k in range(3)]
+        state_ops: list[list[Tensor] | None] = [None if k is None else state[k] for k in rows]
         has_penalty = importance is not None and not _is(penalty, 0.0)
         operands = combine_operands(
             params, restore_from, roles, mask, state_ops, importance if has_penalty else None,
@@ -138,12 +137,10 @@ def combine_step_(
         gs = scalar(grad_scale, dev) if grad_scale is not None else None
         bits = sum(1 << r for r, f in enumerate(masked) if f) if mask is not None else 0
         config = {
-            "adamw": adamw, "n_roles": len(grads), "masked_bits": bits, "update_mode": mask_mode == "update",
+            "rule": RULES[rule].id, "n_roles": len(grads), "masked_bits": bits, "update_mode": mask_mode == "update",
             "has_mask": mask is not None, "has_restore": restore_from is not None, "has_penalty": has_penalty,
-            "maximize": bool(maximize), "nesterov": bool(nesterov), "init_momentum": bool(init_momentum),
-            "amsgrad": bool(amsgrad), "momentum": float(momentum), "dampening": float(dampening),
-            "weight_decay": float(weight_decay), "beta1": float(betas[0]), "beta2": float(betas[1]),
-            "eps": float(eps), "lr": scal["lr"].pair, "scale": scal["scale"].pair, "penalty": scal["penalty"].pair,
+            "maximize": bool(maximize), "hparams": list(cfg.slots), "flags": list(cfg.flags), "lr": scal["lr"].pair,
+            "scale": scal["scale"].pair, "penalty": scal["penalty"].pair,
             "grad_scale": gs.pair if gs is not None else (1.0, 0), "has_grad_scale": gs is not None,
             "coeffs": [c.pair for c in coeff], "found_inf_ptr": fi_ptr, "step_mode": step_mode, "step": step,
             "steps_ptr": 0 if steps_arr is None else steps_arr.data_ptr(),

@@ -82,15 +82,8 @@ def combine_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     restore_from: list[Tensor] | None,
-    weight_decay: float,
     maximize: bool,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    init_momentum: bool,
-    betas: tuple[float, float],
-    eps: float,
-    amsgrad: bool,
+    **hparams: object,
 ) -> None:
     """See :func:`fastclu.ops.combine_step_` (the contract); this is its specification in PyTorch."""
     if restore_from is not None:
@@ -102,9 +95,7 @@ def combine_step_(
         return
     gs = None if grad_scale is None else grad_scale.reshape(())
     gate = [bool(f) and mask_mode == "grad" for f in masked]
-    cfg = StepConfig(
-        rule, lr, weight_decay, maximize, momentum, dampening, nesterov, init_momentum, betas, eps, amsgrad
-    )
+    cfg = StepConfig(rule, lr, maximize, **hparams)  # type: ignore[arg-type]
     update = update_of(rule)
     state_keys = [k for k in cfg.state_keys if k != "step"]
     for i, p in enumerate(params):
@@ -124,7 +115,7 @@ def combine_step_(
         if maximize:
             g = -g
 
-        update(theta, g, bufs, state["step"][i] if "step" in cfg.state_keys else None, cfg)
+        update(theta, g, bufs, state["step"][i] if cfg.counts_steps else None, cfg)
 
         if mask_mode == "update":
             # Masked-out weights and their optimizer state do not move at all.

@@ -7,28 +7,27 @@ restore, update-mode selection); the rule's update is a Triton function from
 Per element, everything in fp32 (see :func:`fastclu.ops.combine_step_` and the reference,
 whose op order is followed so fp32 results agree to rounding): gate and weight the role
 gradients, scale, unscale (AMP), add the EWC penalty, negate for maximize, then torch's
-single-tensor SGD or AdamW update. Every scalar may be a 0-d device tensor, read in the kernel:
-no host sync, so a step (after a first, table-building call) can be captured in a CUDA graph.
+the rule's update. Every scalar may be a 0-d device tensor, read in the kernel: no host sync,
+so a step (after a first, table-building call) can be captured in a CUDA graph.
 
-AdamW's step counters are incremented by a small per-tensor launch first, which also forms
-that tensor's step size and bias correction (in fp64 from double-float host scalars, as torch
-forms them in Python floats); the main kernel reads those, so no block races a counter.
+Nothing here knows a rule: its state lists fill the table's state rows in the order the rule
+declares them (:attr:`fastclu.ops.rules.StepConfig.state_rows`), its hyperparameters travel as
+its float slots and switches, and its host pre-work (AdamW: counting steps and forming bias
+corrections) is the rule file's ``prepare`` hook, whose per-tensor ``coef`` the kernel passes on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from fastclu._registry import register
+from fastclu.ops.rules import StepConfig
 from fastclu.ops.tables import TABLES, combine_operands
 from fastclu.ops.tables import CombineRow as R_
-from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
     block_info,
@@ -40,7 +39,6 @@ from fastclu.ops.triton._multitensor import (
     on_device,
     operand_ptr,
     scalar_arg,
-    slot_ptr,
     table_args,
     tl_dtype,
 )
@@ -51,34 +49,8 @@ from fastclu.ops.triton._rows import (
     ROW_MASK,
     ROW_PARAM,
     ROW_RESTORE,
-    ROW_STEP,
 )
-from fastclu.ops.triton.rules import update_of
-
-# table rows
-_TB = 256  # tensors per program of the step-counter kernel
-
-
-def _split(x: float) -> tuple[float, float]:
-    """A double as two fp32 values whose sum carries ~48 bits (kernel float args are fp32)."""
-    hi = float(np.float32(x))
-    return hi, x - hi
-
-
-@helper
-def _pow_int(b, n):
-    """fp64 ``b ** n`` for integers ``0 <= n < 2**63`` (square and multiply).
-
-    An fp32 counter stops growing at 2**24 (``2**24 + 1`` rounds back), so ``n`` reaches 2**24
-    itself: 24 bits of ``n`` would read it as 0 and give ``b ** n == 1``, a zero bias correction.
-    A loaded counter can be any fp32 value: 2**32 read with 32 bits would do the same, hence 63.
-    """
-    r = tl.zeros_like(b) + 1.0
-    for _ in tl.static_range(63):
-        r = tl.where((n & 1) == 1, r * b, r)
-        b = b * b
-        n = n >> 1
-    return r
+from fastclu.ops.triton.rules import GroupLaunch, prepare_of, split_double, update_of
 
 
 @helper
@@ -107,17 +79,16 @@ def _combine_kernel(
     tab, dyn, n_rows,
     lr_ptr, lr_val, lr_hi, lr_lo, c0_ptr, c0_val, c1_ptr, c1_val, c2_ptr, c2_val, c3_ptr, c3_val,
     sc_ptr, sc_val, pen_ptr, pen_val, gs_ptr, fi_ptr, coef,
-    wd, momentum, one_minus_damp, b1_hi, b1_lo, b2_hi, b2_lo, eps,
+    h0, h0_lo, h1, h1_lo, h2, h2_lo, h3, h3_lo, h4, h4_lo, h5, h5_lo,
     blk0, LR_T: tl.constexpr, C0_T: tl.constexpr, C1_T: tl.constexpr, C2_T: tl.constexpr, C3_T: tl.constexpr,
     SC_T: tl.constexpr, PEN_T: tl.constexpr,
     R: tl.constexpr, GATE0: tl.constexpr, GATE1: tl.constexpr, GATE2: tl.constexpr, GATE3: tl.constexpr,
     HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_GS: tl.constexpr,
     HAS_FI: tl.constexpr, RESTORE: tl.constexpr, RULE: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr, INIT_MOM: tl.constexpr,
-    AMSGRAD: tl.constexpr,
+    F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
     DP: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
     DB0: tl.constexpr, DB1: tl.constexpr, DB2: tl.constexpr, DI: tl.constexpr, DA: tl.constexpr,
-    DR: tl.constexpr, DST: tl.constexpr, BLOCK: tl.constexpr,
+    DR: tl.constexpr, BLOCK: tl.constexpr,
     EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
@@ -181,8 +152,8 @@ def _combine_kernel(
 
     # the rule's own update (one file per rule: fastclu/ops/triton/rules/<rule>.py), a constexpr
     theta = RULE(
-        theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef, wd, momentum, one_minus_damp,
-        b1_hi, b1_lo, b2_hi, b2_lo, eps, HAS_WD, HAS_MOM, NESTEROV, INIT_MOM, AMSGRAD, DB0, DB1, DB2, ALIGN,
+        theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef,
+        h0, h0_lo, h1, h1_lo, h2, h2_lo, h3, h3_lo, h4, h4_lo, h5, h5_lo, F0, F1, F2, F3, DB0, DB1, DB2, ALIGN,
     )  # fmt: skip
 
     new = tl.where(go, theta.to(DP), theta_old)
@@ -190,51 +161,6 @@ def _combine_kernel(
         tl.store(pp + offs, new, mask=m)
     else:
         tl.store(pp + offs, new, mask=go)
-
-
-@triton.jit
-def _step_kernel(
-    tab, n_tensors, fi_ptr, lr_ptr, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
-    HAS_FI: tl.constexpr, LR_T: tl.constexpr, DST: tl.constexpr, TB: tl.constexpr, LAYOUT: tl.constexpr,
-):  # fmt: skip
-    """Per tensor: step += 1 (unless AMP found inf), then AdamW's step size and sqrt(bc2) into coef."""
-    t = tl.program_id(0) * TB + tl.arange(0, TB)
-    ok = t < n_tensors
-    sp = tl.load(slot_ptr(tab, t, ROW_STEP, LAYOUT), mask=ok, other=0).to(tl.pointer_type(DST))
-    old = tl.load(sp, mask=ok, other=0.0).to(tl.float32)
-    step = old + 1.0
-    if HAS_FI:
-        # a skipped step keeps its counter (the main kernel then moves nothing); the old value
-        # itself, since (old + 1) - 1 is not old where fp32 rounds (at 2**24)
-        fi = tl.zeros([TB], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
-        step = tl.where(fi == 0.0, step, old)
-    tl.store(sp, step.to(DST), mask=ok)
-    # issue 17: clamped to 2**62 before the cast (beyond, beta ** n is 0 in fp64 anyway); max: avoid
-    # 1 / 0 on a skipped first step
-    n = tl.maximum(tl.minimum(step, 4.611686018427388e18).to(tl.int64), 1)
-    lr64 = tl.load(lr_ptr).to(tl.float32).to(tl.float64) if LR_T else f64(lr_hi, lr_lo)
-    # as torch does in Python floats: 1 - beta ** step, lr / bc1, sqrt(bc2), then rounded to fp32
-    bc1 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + f64(b1_hi, b1_lo), n)
-    bc2 = 1.0 - _pow_int(tl.zeros([TB], dtype=tl.float64) + f64(b2_hi, b2_lo), n)
-    tl.store(coef + 2 * t, (lr64 / bc1).to(tl.float32), mask=ok)
-    tl.store(coef + 2 * t + 1, tl.sqrt(bc2).to(tl.float32), mask=ok)
-
-
-def _host_adamw_coef(
-    steps: list[Tensor], lr: float | Tensor, betas: tuple[float, float], found_inf: Tensor | None
-) -> Tensor:
-    """Host counterpart of _step_kernel for CPU step counters: fp32 ``[n_tensors, 2]`` on the CPU."""
-    skip = found_inf is not None and float(found_inf) != 0.0
-    lr_f = float(lr)
-    out = []
-    for st in steps:
-        if not skip:
-            st += 1
-        n = max(float(st), 1.0)
-        bc1 = 1 - betas[0] ** n
-        bc2 = 1 - betas[1] ** n
-        out.append((lr_f / bc1, bc2**0.5))
-    return torch.tensor(out, dtype=torch.float32).reshape(len(steps), 2)
 
 
 @register("combine_step_", "triton")
@@ -257,17 +183,10 @@ def combine_step_(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     restore_from: list[Tensor] | None,
-    weight_decay: float,
     maximize: bool,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    init_momentum: bool,
-    betas: tuple[float, float],
-    eps: float,
-    amsgrad: bool,
+    **hparams: object,
 ) -> None:
-    """Fused combination + SGD/AdamW step; see :func:`fastclu.ops.combine_step_` (the contract)."""
+    """Fused combination + the rule's step; see :func:`fastclu.ops.combine_step_` (the contract)."""
     if not params:
         return
     dev = params[0].device
@@ -278,20 +197,11 @@ def combine_step_(
     if found_inf is not None and found_inf.device != dev:
         found_inf = found_inf.to(dev)
     R = len(grads)
-    adamw = rule == "adamw"
-    has_mom = not adamw and momentum != 0
-    if adamw:
-        bufs = [state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"] if amsgrad else None]
-        steps = state["step"]
-        host_coef = None
-        if any(st.device != dev for st in steps):
-            # torch.optim keeps non-capturable step counters on the CPU: count on the host (as torch
-            # does, a host read of found_inf included) and ship the per-tensor coefficients over
-            host_coef = _host_adamw_coef(steps, lr, betas, found_inf)
-            steps = None
-    else:
-        bufs = [state["momentum_buffer"] if has_mom else None, None, None]
-        steps = None
+    cfg = StepConfig(rule, lr, maximize, **hparams)  # type: ignore[arg-type]
+    bufs = [None if k is None else state[k] for k in cfg.state_rows]
+    steps, rule_coef = prepare_of(rule)(state["step"] if cfg.counts_steps else None, cfg, lr, found_inf, dev)
+    slots = [x for v in cfg.slots for x in split_double(v)]
+    flags = cfg.flags
     has_pen = importance is not None and not (isinstance(penalty, float) and penalty == 0.0)
     ops = combine_operands(params, restore_from, list(grads), mask, bufs, importance if has_pen else None,
                            anchor if has_pen else None, steps)  # fmt: skip
@@ -300,39 +210,28 @@ def combine_step_(
     for g in gs_list:
         dummy = g.tab
         lr_p, lr_v, lr_t = scalar_arg(lr, dev, dummy)
-        lr_hi, lr_lo = _split(lr_v)
+        lr_hi, lr_lo = split_double(lr_v)
         cs = [scalar_arg(c, dev, dummy) for c in coeffs] + [(dummy, 1.0, False)] * (4 - R)
         sc = scalar_arg(scale, dev, dummy)
         pen = scalar_arg(penalty, dev, dummy)
         gsv = dummy if grad_scale is None else grad_scale
         fiv = dummy if found_inf is None else found_inf
         dt = [tl_dtype(d) for d in g.dtypes]
-        b1_hi, b1_lo = _split(betas[0])
-        b2_hi, b2_lo = _split(betas[1])
-        coef = dummy
-        if adamw and host_coef is not None:
-            coef = host_coef[list(g.members)].to(dev, non_blocking=True)
-        elif adamw and g.n_tensors:
-            # counters first (every tensor's, empty ones included, as torch increments them all);
-            # the main kernel then reads per-tensor coefficients instead of the racing counters
-            coef = mt.alloc((g.n_tensors, 2), torch.float32, dev)
-            _step_kernel[(triton.cdiv(g.n_tensors, _TB),)](
-                g.tab, g.n_tensors, fiv, lr_p, lr_hi, lr_lo, b1_hi, b1_lo, b2_hi, b2_lo, coef,
-                HAS_FI=found_inf is not None, LR_T=lr_t, DST=dt[R_.STEP], TB=_TB, LAYOUT=mt.layout(g),
-            )  # fmt: skip
+        coef = None
+        if rule_coef is not None:
+            coef = rule_coef(GroupLaunch(g, dev, (lr_p, lr_v, lr_hi, lr_lo, lr_t), found_inf, dummy, dt[R_.STEP]))
         if g.n_blocks:
-            launch(_combine_kernel, g, 
+            launch(_combine_kernel, g,
                 *table_args(g),
                 lr_p, lr_v, lr_hi, lr_lo, cs[0][0], cs[0][1], cs[1][0], cs[1][1], cs[2][0], cs[2][1],
-                cs[3][0], cs[3][1], sc[0], sc[1], pen[0], pen[1], gsv, fiv, coef,
-                float(weight_decay), float(momentum), 1.0 - float(dampening), b1_hi, b1_lo, b2_hi, b2_lo, float(eps),
+                cs[3][0], cs[3][1], sc[0], sc[1], pen[0], pen[1], gsv, fiv, dummy if coef is None else coef,
+                *slots,
                 LR_T=lr_t, C0_T=cs[0][2], C1_T=cs[1][2], C2_T=cs[2][2], C3_T=cs[3][2], SC_T=sc[2], PEN_T=pen[2],
                 R=R, GATE0=gate[0], GATE1=gate[1], GATE2=gate[2], GATE3=gate[3],
                 HAS_MASK=mask is not None, UPDATE=mask_mode == "update", HAS_PEN=has_pen,
                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None, RESTORE=restore_from is not None,
-                RULE=update_of(rule), MAXIMIZE=bool(maximize), HAS_WD=weight_decay != 0, HAS_MOM=has_mom,
-                NESTEROV=bool(nesterov), INIT_MOM=bool(init_momentum), AMSGRAD=bool(amsgrad),
+                RULE=update_of(rule), MAXIMIZE=bool(maximize), F0=flags[0], F1=flags[1], F2=flags[2], F3=flags[3],
                 DP=dt[R_.PARAM], D0=dt[R_.GRAD0], D1=dt[R_.GRAD0 + 1], D2=dt[R_.GRAD0 + 2], D3=dt[R_.GRAD0 + 3],
                 DB0=dt[R_.STATE0], DB1=dt[R_.STATE1], DB2=dt[R_.STATE_MAX], DI=dt[R_.IMPORTANCE],
-                DA=dt[R_.ANCHOR], DR=dt[R_.RESTORE], DST=dt[R_.STEP], BLOCK=BLOCK,
+                DA=dt[R_.ANCHOR], DR=dt[R_.RESTORE], BLOCK=BLOCK,
             )  # fmt: skip

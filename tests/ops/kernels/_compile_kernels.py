@@ -19,14 +19,22 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastclu.ops.rules import RULES, StepConfig
 from fastclu.ops.triton import _reduce, combine, fisher, gram, hvp, lerp, masks, merge, perturb
+from fastclu.ops.triton.rules import adamw as adamw_rule
 from fastclu.ops.triton.rules import update_of
 
 TARGET = GPUTarget("cuda", 90, 32)
 I64P = {"tab", "dyn", "ptrs", "numel", "blk_tensor", "blk_start", "blk_global", "index", "rowlen", "state", "hist", "ties",
         "ties_before"}  # fmt: skip
 INTS = {"n_rows", "n_tensors", "blk0", "n_blocks", "n_out", "seed_lo", "seed_hi", "start", "n", "count", "tensor_index"}
-FLOATS = {"wd", "momentum", "one_minus_damp", "eps"}
+FLOATS = {"wd", "momentum", "one_minus_damp", "eps"} | {f"h{k}" for k in range(6)}
+# every rule with every switch on that its hyperparameters allow (CLASSP: a general power)
+RULE_CONFIGS = {
+    "sgd": StepConfig("sgd", 0.1, weight_decay=0.1, momentum=0.9, nesterov=True),
+    "adamw": StepConfig("adamw", 0.1, weight_decay=0.1, amsgrad=True),
+    "classp": StepConfig("classp", 0.1, power=1.5),
+}
 f32, f16, bf16, f64 = tl.float32, tl.float16, tl.bfloat16, tl.float64
 
 
@@ -71,15 +79,16 @@ def cases(full: bool) -> list[tuple[object, dict]]:
                                            D2=bf16, D3=f32, **c)),
             (merge._merge_stats_kernel, dict(DP=f32, DA=f32, DF=f32, DT=f32, **c)),
         ]  # fmt: skip
-        for adamw in (False, True):
+        for rule in RULES:
+            flags = RULE_CONFIGS[rule].flags
             out.append((combine._combine_kernel, dict(
                 LR_T=True, C0_T=True, C1_T=False, C2_T=False, C3_T=False, SC_T=True, PEN_T=False, R=2, GATE0=True,
                 GATE1=False, GATE2=False, GATE3=False, HAS_MASK=True, UPDATE=True, HAS_PEN=True, HAS_GS=True,
-                HAS_FI=True, RESTORE=True, RULE=update_of("adamw" if adamw else "sgd"), MAXIMIZE=True, HAS_WD=True, HAS_MOM=True, NESTEROV=True,
-                INIT_MOM=False, AMSGRAD=True, DP=f16, D0=f32, D1=f16, D2=f32, D3=f32, DB0=f32, DB1=f32, DB2=f32,
-                DI=f32, DA=f16, DR=f16, DST=f32, **c)))  # fmt: skip
+                HAS_FI=True, RESTORE=True, RULE=update_of(rule), MAXIMIZE=True, F0=flags[0], F1=flags[1],
+                F2=flags[2], F3=flags[3], DP=f16, D0=f32, D1=f16, D2=f32, D3=f32, DB0=f32, DB1=f32, DB2=f32,
+                DI=f32, DA=f16, DR=f16, **c)))  # fmt: skip
     out += [
-        (combine._step_kernel, {"HAS_FI": True, "LR_T": False, "DST": f32, "TB": 256, "LAYOUT": 13}),
+        (adamw_rule._step_kernel, {"HAS_FI": True, "LR_T": False, "DST": f32, "TB": 256, "LAYOUT": 13}),
         (masks._topk_select_kernel, {"SHIFT": 24}),
         (_reduce._sum_partials_kernel, {"BLOCK": 1024}),
         (perturb._row_norm_kernel, {"DP": f16, "BLOCK": 1024, "LAYOUT": 2 + 256 * 0b10}),

@@ -1,4 +1,8 @@
-"""SGD with momentum / dampening / Nesterov / weight decay, torch.optim.SGD's op order."""
+"""SGD with momentum / dampening / Nesterov / weight decay, torch.optim.SGD's op order.
+
+Slots (:data:`fastclu.ops.rules.RULES`): h0 weight_decay, h1 momentum, h2 1 - dampening.
+Switches: F0 weight decay, F1 momentum, F2 Nesterov, F3 first step (buffer = d_p).
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,17 @@ from fastclu.ops.triton._rows import ROW_STATE0
 
 @helper
 def update(
-    theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef, wd, momentum, one_minus_damp,
-    b1_hi, b1_lo, b2_hi, b2_lo, eps, HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, NESTEROV: tl.constexpr,
-    INIT_MOM: tl.constexpr, AMSGRAD: tl.constexpr, DB0: tl.constexpr, DB1: tl.constexpr, DB2: tl.constexpr,
-    ALIGN: tl.constexpr,
+    theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef,
+    h0, h0_lo, h1, h1_lo, h2, h2_lo, h3, h3_lo, h4, h4_lo, h5, h5_lo,
+    F0: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+    DB0: tl.constexpr, DB1: tl.constexpr, DB2: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    if HAS_WD:
-        g = g + wd * theta
-    if HAS_MOM:
+    if F0:
+        g = g + h0 * theta
+    if F1:
         b0p = operand_ptr(tab, tab, LAYOUT, ROW_STATE0, t, DB0, ALIGN)  # momentum_buffer
-        # INIT_MOM: torch's first step (buf is None), buf = d_p
-        buf = g if INIT_MOM else tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32) * momentum + one_minus_damp * g
+        # F3: torch's first step (buf is None), buf = d_p
+        buf = g if F3 else tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32) * h1 + h2 * g
         tl.store(b0p + offs, buf.to(DB0), mask=go)
-        g = g + momentum * buf if NESTEROV else buf
+        g = g + h1 * buf if F2 else buf
     return theta + (-lr32) * g
