@@ -144,6 +144,27 @@ def test_tables_used_in_graph_capture_survive_eviction(monkeypatch) -> None:
     assert again is first  # the pinned table, same device memory, not a rebuilt copy
 
 
+def test_capture_reuses_pointer_arrays_and_refuses_moved_ones(monkeypatch) -> None:
+    """Per-step pointers during a (simulated) capture: the warm-up's array is reused and pinned;
+    moved ones would need an upload, which a capture cannot replay: a clear error, no change."""
+    mt = _mt()
+    xs, gs = randn([7, 4097]), randn([7, 4097])
+    warm, _ = mt.groups([xs, gs], dynamic=(1,))
+    dyn = warm[0].dyn
+    monkeypatch.setattr(_table, "capturing", lambda dev: True)
+    during, _ = mt.groups([xs, gs], dynamic=(1,))
+    assert during is warm and during[0].dyn is dyn
+    with pytest.raises(RuntimeError, match="per-step operands"):
+        mt.groups([xs, randn([7, 4097])], dynamic=(1,))
+    assert warm[0].dyn is dyn and _ptrs(warm[0])[1].tolist() == [g.data_ptr() for g in gs]
+    monkeypatch.setattr(_table, "capturing", lambda dev: False)
+    mt.groups([xs, randn([7, 4097])], dynamic=(1,))  # eager again: a new array
+    assert warm[0].dyn is not dyn
+    # the captured array stays referenced (a replay reads it)
+    pinned = [d for e in _table._pinned.values() if e.parts is warm for ds in e.pinned_dyn for d in ds]
+    assert any(d is dyn for d in pinned)
+
+
 def test_table_segments_are_16_byte_aligned() -> None:
     """Every table pointer 16-byte aligned whatever the tensor / block counts: Triton's
     pointer-alignment specialisation then never varies (no recompile when the set changes)."""
