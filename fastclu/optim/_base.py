@@ -1046,14 +1046,30 @@ class RoleOptimizer(Optimizer):
         assert total is not None
         if layout.dtensor:
             total = distributed.reduce_gram_(total, [p for b in layout.buckets for p in b.params])
+        c = self._coeff_vector(list(coeffs.values()), total)
         dev = total.device
-        c = torch.stack([v.to(dev, torch.float64).reshape(()) if isinstance(v, Tensor) else total.new_full((), v)
-                         for v in coeffs.values()])  # fmt: skip
         norm = (c @ total @ c).clamp_min(0.0).sqrt()
         if grad_scale is not None:
             norm = norm / grad_scale.to(dev, torch.float64).reshape(())
         bound = clip.to(dev, torch.float64) if isinstance(clip, Tensor) else clip
         return (bound / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
+
+    def _coeff_vector(self, values: list[float | Tensor], like: Tensor) -> Tensor:
+        """fp64 ``[R]`` coefficients on ``like``'s device. Numbers: cached by value (the last few
+        sets), a new set written by fills (kernel scalars: no host-to-device copy, no sync)."""
+        if any(isinstance(v, Tensor) for v in values):
+            return torch.stack([v.to(like.device, torch.float64).reshape(()) if isinstance(v, Tensor)
+                                else like.new_full((), v, dtype=torch.float64) for v in values])  # fmt: skip
+        if torch.compiler.is_compiling():
+            return torch.stack([like.new_full((), v, dtype=torch.float64) for v in values])
+        cache = self.__dict__.setdefault("_coeff_cache", {})
+        key = (tuple(values), like.device)
+        c = cache.get(key)
+        if c is None:
+            if len(cache) >= 8:
+                cache.clear()
+            c = cache[key] = torch.stack([like.new_full((), v, dtype=torch.float64) for v in values])
+        return c
 
 
 _EMPTY: dict = {}
