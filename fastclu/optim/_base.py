@@ -734,12 +734,14 @@ class RoleOptimizer(Optimizer):
         return ()
 
     def _layout_for(self, struct: Structure, keys: tuple, present: list[list[bool]]) -> Layout | None:
+        if torch.compiler.is_compiling():  # not cached: traced once, the graph is the cache
+            return self._build_layout(struct, keys, present)
         key = (keys, tuple([tuple(pr) for pr in present]), tuple([self._layout_flags(g) for g in self.param_groups]),
                self.backend, current_backend())  # fmt: skip
         layout = struct.layouts.get(key)
         if layout is None:
             layout = self._build_layout(struct, keys, present)
-            if layout is not None and layout.cacheable and struct.sig:
+            if layout is not None and layout.cacheable:
                 if len(struct.layouts) >= MAX_LAYOUTS:
                     struct.layouts.clear()
                 struct.layouts[key] = layout
