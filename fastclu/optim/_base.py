@@ -217,7 +217,9 @@ class RoleOptimizer(Optimizer):
             raise ValueError(f"backend must be None, 'auto' or one of {list(BACKENDS)}, got {backend!r}")
         super().__init__(params, {**defaults, **self._extra_group_keys})
         self.backend = backend
-        self._stash_holders: dict[str, list[Tensor]] | None = {}  # stash key -> parameters holding it
+        # stash key -> (structure, stashed tensors aligned with its params, positions holding one);
+        # None: unknown (a loaded state_dict), found by a scan
+        self._stash_holders: dict[str, tuple[Structure, list, list[int]]] | None = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, then the new group's parameters and hyper-parameters are
@@ -283,22 +285,33 @@ class RoleOptimizer(Optimizer):
             raise TypeError(f"role must be a non-empty str, got {role!r}")
         if role == GRAD:
             raise ValueError(f"role {GRAD!r} names the live .grad and cannot be stashed")
-        params = [p for p in self._structure().params if p.grad is not None]
-        if not all(map(Tensor.is_contiguous, [p.grad for p in params])) and any(p.grad.is_sparse for p in params):
+        struct = self._structure(check_storage=False)
+        grads = [p.grad for p in struct.params]
+        pos = [i for i, g in enumerate(grads) if g is not None]
+        if not all(map(Tensor.is_contiguous, [grads[i] for i in pos])) and any(grads[i].is_sparse for i in pos):
             raise SparseGradientError("fastclu optimizers do not support sparse gradients")
         key = STASH + role
-        state = self.state
-        for p in params:
-            st = state[p]
+        holders = self.__dict__.get("_stash_holders")
+        entry = None if holders is None else holders.get(key)
+        if entry is not None and entry[0] is not struct:  # stashed before the parameters changed
+            self.__dict__["_stash_holders"] = holders = entry = None
+        if holders is not None and entry is None:
+            entry = holders[key] = (struct, [None] * len(struct.params), [])
+        dicts = self._state_dicts(struct)
+        for i in pos:
+            p, g = struct.params[i], grads[i]
+            st = dicts[i]
+            if st is None:
+                st = dicts[i] = self.state[p]
             held = st.get(key)
             if held is None:
-                st[key] = p.grad
+                st[key] = g
+                if entry is not None:
+                    entry[1][i] = g
+                    entry[2].append(i)
             else:
-                held.add_(p.grad)
+                held.add_(g)
             p.grad = None
-        holders = self.__dict__.get("_stash_holders")
-        if holders is not None:
-            holders.setdefault(key, []).extend(params)
 
     def stashed_roles(self) -> list[str]:
         """Names of the roles currently stashed (on any parameter)."""
@@ -324,6 +337,9 @@ class RoleOptimizer(Optimizer):
             self.__dict__["_stash_holders"] = {}
         elif holders is not None:
             holders.pop(STASH + role, None)
+        s = self.__dict__.get("_struct")
+        if s is not None:
+            s.dicts = None  # entries may have been deleted
 
     # ------------------------------------------------------------------ mask
     def set_mask(
@@ -708,14 +724,26 @@ class RoleOptimizer(Optimizer):
         self.__dict__["_layout_epoch"] = self.__dict__.get("_layout_epoch", 0) + 1
         self.__dict__["_struct"] = None
 
-    def _structure(self) -> Structure:
+    def _state_dicts(self, struct: Structure) -> list[dict | None]:
+        """Every parameter's state dict (None where it has none), kept on the structure: the step
+        then looks no tensor up in ``self.state`` (a Python ``__hash__`` call each)."""
+        if struct.dicts is None:
+            get = self.state.get
+            struct.dicts = [get(p) for p in struct.params]
+        return struct.dicts
+
+    def _structure(self, check_storage: bool = True) -> Structure:
         """The flat parameter list and its layouts, rebuilt when groups, state or storage changed."""
         if torch.compiler.is_compiling():  # traced once: the graph keeps what it needs, Dynamo guards it
             return Structure((), self._params(), None)
         sig = (self.__dict__.get("_layout_epoch", 0), id(self.state),
                tuple([(id(g["params"]), len(g["params"])) for g in self.param_groups]))  # fmt: skip
         s = self.__dict__.get("_struct")
-        if s is not None and s.sig == sig and (s.ptrs is None or [p.data_ptr() for p in s.params] == s.ptrs):
+        if (
+            s is not None
+            and s.sig == sig
+            and (not check_storage or s.ptrs is None or [p.data_ptr() for p in s.params] == s.ptrs)
+        ):
             return s
         params = self._params()
         ptrs = None if distributed.any_dtensor(params) else [p.data_ptr() for p in params]
@@ -776,7 +804,7 @@ class RoleOptimizer(Optimizer):
             self._describe_bucket(b, struct, keys, present)
         params = [p for b in buckets.values() for p in b.params]
         return Layout(list(buckets.values()), distributed.any_dtensor(params),
-                      cacheable=not any(b.init for b in buckets.values()))  # fmt: skip
+                      cacheable=not any(b.init for b in buckets.values()), struct=struct)  # fmt: skip
 
     def _backend_of(self, p: Tensor) -> tuple[str, Callable, Callable]:
         """The backend that runs a bucket of ``p``'s dtype and device, and its combine / gram
@@ -815,6 +843,10 @@ class RoleOptimizer(Optimizer):
                 self._init_state(group, p, st)
                 if not st:
                     del self.state[p]  # torch keeps no entry for a stateless parameter (SGD without momentum)
+        if layout.struct is not None:
+            layout.struct.dicts = None  # entries created
+        for b in layout.buckets:
+            group = b.group
             b.kparams, b.states = self._kernel_tensors(b.params, self._state_lists(group, b.params))
             if b.has_pen:
                 b.pen = {"importance": distributed.local_list([self.state[p]["importance"] for p in b.params]),
@@ -830,14 +862,22 @@ class RoleOptimizer(Optimizer):
         return distributed.local_list(params), {k: distributed.local_list(v) for k, v in states.items()}
 
     # ------------------------------------------------------------------ the step
-    def _role_lists(self, params: list[Tensor], keys: tuple) -> list[list[Tensor | None]]:
-        state = self.state
+    def _role_lists(self, struct: Structure, keys: tuple) -> list[list[Tensor | None]]:
+        """Per role, its tensor for every parameter (None where it has none)."""
+        params = struct.params
+        holders = self.__dict__.get("_stash_holders")
         out = []
         for k in keys:
             if k is None:
                 out.append([p.grad for p in params])
+                continue
+            entry = None if holders is None else holders.get(k)
+            if entry is not None and entry[0] is struct:
+                out.append(entry[1])
+            elif holders is not None and entry is None:
+                out.append([None] * len(params))
             else:
-                out.append([state.get(p, _EMPTY).get(k) for p in params])
+                out.append([st.get(k) if st is not None else None for st in self._state_dicts(struct)])
         return out
 
     def _bucket_grads(self, b: Bucket, lists: list[list[Tensor | None]], dtensor: bool) -> list[list[Tensor]]:
@@ -871,7 +911,7 @@ class RoleOptimizer(Optimizer):
         if found_inf is not None and not isinstance(found_inf, Tensor):
             found_inf = torch.tensor(float(found_inf))
         struct = self._structure()
-        lists = self._role_lists(struct.params, keys)
+        lists = self._role_lists(struct, keys)
         present = [[g is not None for g in xs] for xs in lists]
         self._check_roles_stashed(roles, present)
         layout = self._layout_for(struct, keys, present)
@@ -915,12 +955,13 @@ class RoleOptimizer(Optimizer):
         if holders is None:  # stashes of unknown origin (a loaded state_dict): one full scan
             self.clear_stash()
             return
-        state = self.state
-        for key, ps in holders.items():
-            for p in ps:
-                st = state.get(p)
+        for key, (struct, _, positions) in holders.items():
+            dicts = self._state_dicts(struct)
+            for i in positions:
+                st = dicts[i]
                 if st is not None and st.pop(key, None) is not None and not st:
-                    del state[p]
+                    del self.state[struct.params[i]]  # torch keeps no entry for a stateless parameter
+                    dicts[i] = None
         holders.clear()
 
     def _skips_first_step(self, layout: Layout, found_inf: Tensor | None, restore: dict | None) -> bool:

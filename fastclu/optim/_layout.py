@@ -64,7 +64,7 @@ class Layout:
     dtensor: bool
     cacheable: bool
     ready: bool = False  # state created and the public op's checks passed once
-    roles_present: list[bool] = field(default_factory=list)
+    struct: Structure | None = None
 
 
 @dataclass
@@ -73,6 +73,7 @@ class Structure:
     params: list[Tensor]
     ptrs: list[int] | None  # storage addresses; None with DTensor parameters (local shards checked per step)
     layouts: dict[tuple, Layout] = field(default_factory=dict)
+    dicts: list[dict | None] | None = None  # the params' state dicts (None: none); None: not gathered
 
 
 MAX_LAYOUTS = 16  # alternating step kinds (forget / remain, roles present or not) stay cached
