@@ -809,10 +809,14 @@ class RoleOptimizer(Optimizer):
     def _backend_of(self, p: Tensor) -> tuple[str, Callable, Callable]:
         """The backend that runs a bucket of ``p``'s dtype and device, and its combine / gram
         implementations (fp64 goes to the reference, as :mod:`fastclu.ops` routes it)."""
-        name = choose("combine_step_", self.backend, device_type(p))
+        name = choose("combine_step_", self.backend, device_type([p]))
         if p.dtype == torch.float64:
             name = "reference"
-        return name, implementation("combine_step_", name), implementation("gram", choose("gram", name, device_type(p)))
+        return (
+            name,
+            implementation("combine_step_", name),
+            implementation("gram", choose("gram", name, device_type([p]))),
+        )
 
     def _describe_bucket(self, b: Bucket, struct: Structure, keys: tuple, present: list[list[bool]]) -> None:
         b.identity = len(b.idx) == len(struct.params)

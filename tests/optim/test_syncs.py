@@ -56,9 +56,9 @@ def counting_syncs(count_host_tensors: bool) -> Iterator[Counter]:
             setattr(owner, name, orig)
 
 
-def _params(device: torch.device, n: int = 6) -> list[torch.Tensor]:
+def _params(device: torch.device, n: int = 7) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(7)
-    shapes = [(5, 3), (7,), (1,), (4, 2, 3), (0,), (9,)][:n]
+    shapes = [(5, 3), (7,), (1,), (4, 2, 3), (0,), (9,), ()][:n]
     ps = [torch.randn(s, generator=g).to(device).requires_grad_(True) for s in shapes]
     for p in ps:
         p.grad = torch.randn(p.shape, generator=g).to(device)
