@@ -1011,23 +1011,25 @@ class RoleOptimizer(Optimizer):
         g_r = roles.index(GRAD) if GRAD in roles else None
         grad_checked = g_r is None or not any(b.masks is not None and b.flags[g_r] for b in layout.buckets)
         dev = scaler_inf.device
-        terms = [scaler_inf.reshape(()).to(torch.float32)] if grad_checked else []
+        bad: list[Tensor] = []  # 0-d bools
         for bi, (b, gs) in enumerate(zip(layout.buckets, grads)):
             masked = [r for r in range(len(roles)) if b.masks is not None and b.flags[r]]
             plain = [r for r in range(len(roles)) if r not in masked and not (r == g_r and grad_checked)]
             if plain:
-                terms.append(_nonfinite([gs[r] for r in plain], b.nonempty).to(dev, torch.float32))
+                bad.append(_nonfinite([gs[r] for r in plain], b.nonempty))
             if masked:
                 g = grams[bi] = self._gram(b, gs, direct)
                 diag = g[masked[0], masked[0]]
                 for r in masked[1:]:
                     diag = diag + g[r, r]
-                bad = ~torch.isfinite(diag) & _nonfinite([gs[r] for r in masked], b.nonempty)
-                terms.append(bad.to(dev, torch.float32))
-        total = terms[0]
-        for t in terms[1:]:
-            total = total + t
-        return total
+                bad.append(~torch.isfinite(diag) & _nonfinite([gs[r] for r in masked], b.nonempty))
+        if not bad:
+            return scaler_inf
+        bad = [t if t.device == dev else t.to(dev) for t in bad]
+        any_bad = bad[0] if len(bad) == 1 else torch.stack(bad).any()
+        if not grad_checked:
+            return any_bad.to(torch.float32)
+        return scaler_inf.reshape(()) + any_bad  # fp32: nonzero skips the step
 
     def _combine_bucket(
         self,
