@@ -20,8 +20,11 @@ bookkeeping, ...) runs for real, so a ``shapes`` row includes that CPU compute: 
 one step dispatches (an untimed step under a counting dispatch mode).
 
 Without a GPU the triton rows run under ``TRITON_INTERPRET=1`` (the launches are stubbed, so
-the interpreter never executes a kernel) and the cuda rows are skipped (the extension needs a
-device for its streams). CPU host times are no GPU host times; ratios between rows of one run
+the interpreter never executes a kernel) and the cuda rows run the cuda backend's CPU execution
+mode (``impl="fastclu[cuda-cpu-mode]"``, :mod:`fastclu.ops._cuda_cpu_mode`; the ``fastclu._C_cpu``
+calls stubbed): the same wrappers with host stand-ins for streams and device tables, where the
+tables are built afresh per call (no cache, no upload), so those rows over-state the GPU path's
+table cost. CPU host times are no GPU host times; ratios between rows of one run
 are what this compares.
 """
 
@@ -115,11 +118,7 @@ def stubbed_launches() -> Iterator[LaunchCounter]:
         for cls in _triton_launch_classes():
             saved.append((cls, "run", vars(cls)["run"]))
             cls.run = lambda self, *a, **k: noop()  # type: ignore[method-assign]
-    try:
-        ext = importlib.import_module("fastclu._C")
-    except ImportError:
-        ext = None
-    if ext is not None:
+    for ext in _extensions():
         for name in dir(ext):
             obj = getattr(ext, name)
             if not name.startswith("_") and callable(obj) and not isinstance(obj, type):
@@ -130,6 +129,32 @@ def stubbed_launches() -> Iterator[LaunchCounter]:
     finally:
         for owner, name, obj in reversed(saved):
             setattr(owner, name, obj)
+
+
+def _extensions() -> list[object]:
+    """``fastclu._C`` and the CPU-mode module ``fastclu._C_cpu``, where they are built."""
+    out = []
+    for name in ("fastclu._C", "fastclu._C_cpu"):
+        try:
+            out.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def backend_scope(backend: str, device: torch.device) -> Iterator[None]:
+    """The cuda backend without a GPU runs in its CPU execution mode (:mod:`fastclu.ops._cuda_cpu_mode`)."""
+    from fastclu.ops import _cuda_cpu_mode
+
+    if backend != "cuda" or device.type == "cuda" or _cuda_cpu_mode.active():
+        yield
+        return
+    undo = _cuda_cpu_mode.enable()
+    try:
+        yield
+    finally:
+        undo()
 
 
 class _AtenCounter(TorchDispatchMode):
@@ -241,14 +266,18 @@ TORCH_CASES = ("adamw", "amp")
 # --------------------------------------------------------------------------------------------
 # Runner
 # --------------------------------------------------------------------------------------------
-def _time_us(step: Step, warmup: int, repeats: int) -> float:
-    return statistics.median(host_times(step, warmup=warmup, repeats=repeats)) * 1e6
+def _time_us(step: Step, warmup: int, repeats: int, row: dict[str, Any] | None = None) -> float:
+    """Median microseconds per step; ``row["us_p10"]``: the 10th percentile (less hit by a loaded machine)."""
+    times = sorted(host_times(step, warmup=warmup, repeats=repeats))
+    if row is not None:
+        row["us_p10"] = times[len(times) // 10] * 1e6
+    return statistics.median(times) * 1e6
 
 
 def _row(case: str, impl: str, shapes_name: str, shapes: list[tuple[int, ...]], tensors: str) -> dict[str, Any]:
     return {"case": case, "impl": impl, "shapes": shapes_name, "tensors": tensors, "n_tensors": len(shapes),
-            "numel": sum(math.prod(s) for s in shapes), "us_per_step": None, "launches": None, "aten_ops": None,
-            "error": None}  # fmt: skip
+            "numel": sum(math.prod(s) for s in shapes), "us_per_step": None, "us_p10": None, "launches": None,
+            "aten_ops": None, "error": None}  # fmt: skip
 
 
 def _tensor_shapes(shapes_name: str, tensors: str) -> list[tuple[int, ...]]:
@@ -269,10 +298,11 @@ def measure_fastclu(
     sizes) or ``"one_element"`` (as many one-element tensors: the footing of the torch rows).
     """
     shapes = _tensor_shapes(shapes_name, tensors)
-    row = _row(case, f"fastclu[{backend}]", shapes_name, shapes, tensors)
+    cpu_mode = backend == "cuda" and device.type != "cuda"
+    row = _row(case, f"fastclu[{backend}{'-cpu-mode' if cpu_mode else ''}]", shapes_name, shapes, tensors)
     row["numel"] = sum(math.prod(s) for s in shapes)
     try:
-        with stubbed_launches() as launches:
+        with backend_scope(backend, device), stubbed_launches() as launches:
             step = fastclu_step(case, _params(shapes, device), backend)
             step()  # first step: state creation, validation and table caches (not timed)
             before = launches.count
@@ -282,7 +312,7 @@ def measure_fastclu(
             with counter:
                 step()
             row["aten_ops"] = counter.count
-            row["us_per_step"] = _time_us(step, warmup, repeats)
+            row["us_per_step"] = _time_us(step, warmup, repeats, row)
     except Exception as e:  # noqa: BLE001 -- one failing row must not hide the others
         row["error"] = f"{type(e).__name__}: {e}"[:500]
     return row
@@ -301,7 +331,7 @@ def measure_torch(
         with counter:
             step()
         row["aten_ops"] = counter.count
-        row["us_per_step"] = _time_us(step, warmup, repeats)
+        row["us_per_step"] = _time_us(step, warmup, repeats, row)
     except Exception as e:  # noqa: BLE001 -- one failing row must not hide the others
         row["error"] = f"{type(e).__name__}: {e}"[:500]
     return row
@@ -315,7 +345,13 @@ def usable_host_backends(device: torch.device) -> tuple[list[str], dict[str, str
     use, skipped = [], {}
     for b in HOST_BACKENDS:
         if b == "cuda" and device.type != "cuda":
-            skipped[b] = "the CUDA backend's host path needs a CUDA device (streams, pinned tables)"
+            from fastclu.ops import _cuda_cpu_mode
+
+            reason = _cuda_cpu_mode.unavailable_reason()
+            if reason is not None:
+                skipped[b] = f"no CUDA device, and the CPU execution mode is not available: {reason}"
+            else:
+                use.append(b)
         elif status.get(b) is not None:
             skipped[b] = str(status[b])
         else:
@@ -361,10 +397,10 @@ def run_host(
 
 def format_row(r: dict[str, Any]) -> str:
     if r["error"]:
-        return f"{r['shapes']:10s} {r['tensors']:11s} {r['case']:20s} {r['impl']:15s} error: {r['error'][:80]}"
+        return f"{r['shapes']:10s} {r['tensors']:11s} {r['case']:20s} {r['impl']:22s} error: {r['error'][:80]}"
     ratio = f"{r['vs_torch_fused_adamw']:6.2f}x" if r.get("vs_torch_fused_adamw") else "      -"
     launches = "-" if r["launches"] is None else str(r["launches"])
-    return (f"{r['shapes']:10s} {r['tensors']:11s} {r['case']:20s} {r['impl']:15s} {r['us_per_step']:10.1f} us/step  {ratio} torch fused "
+    return (f"{r['shapes']:10s} {r['tensors']:11s} {r['case']:20s} {r['impl']:22s} {r['us_per_step']:10.1f} us/step  {ratio} torch fused "
             f"AdamW  launches {launches:>4s}  aten ops {r['aten_ops']}")  # fmt: skip
 
 

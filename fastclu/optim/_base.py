@@ -26,9 +26,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastclu import distributed, ops
-from fastclu._registry import BACKENDS
+from fastclu._registry import BACKENDS, choose, current_backend, device_type, implementation
 from fastclu._scalars import check_scalar
 from fastclu.ops.rules import RULES
+from fastclu.optim._layout import MAX_LAYOUTS, Bucket, Layout, Structure, pick
 
 STASH = "stash."
 GRAD = "grad"
@@ -217,12 +218,16 @@ class RoleOptimizer(Optimizer):
             raise ValueError(f"backend must be None, 'auto' or one of {list(BACKENDS)}, got {backend!r}")
         super().__init__(params, {**defaults, **self._extra_group_keys})
         self.backend = backend
+        # stash key -> (structure, stashed tensors aligned with its params, positions holding one);
+        # None: unknown (a loaded state_dict), found by a scan
+        self._stash_holders: dict[str, tuple[Structure, list, list[int]]] | None = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, then the new group's parameters and hyper-parameters are
         checked (dense real floating-point tensors; finite, in-range values, device scalars
         included); a refused group is not added."""
         super().add_param_group(param_group)
+        self.invalidate_layout()
         group = self.param_groups[-1]
         try:
             for i, p in enumerate(group["params"]):
@@ -250,6 +255,10 @@ class RoleOptimizer(Optimizer):
             for k, v in self._extra_group_keys.items():
                 group.setdefault(k, v)
         self.__dict__.setdefault("backend", None)
+        # new groups and state: layouts rebuilt, group checks redone, stashes found by a scan
+        self.invalidate_layout()
+        self.__dict__["_checked_groups"] = {}
+        self.__dict__["_stash_holders"] = None
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:
@@ -277,17 +286,32 @@ class RoleOptimizer(Optimizer):
             raise TypeError(f"role must be a non-empty str, got {role!r}")
         if role == GRAD:
             raise ValueError(f"role {GRAD!r} names the live .grad and cannot be stashed")
-        params = [p for p in self._params() if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise SparseGradientError("fastclu optimizers do not support sparse gradients")
+        struct = self._structure(check_storage=False)
+        grads = [p.grad for p in struct.params]
+        pos = [i for i, g in enumerate(grads) if g is not None]
+        if not all(map(Tensor.is_contiguous, [grads[i] for i in pos])) and any(grads[i].is_sparse for i in pos):
+            raise SparseGradientError("fastclu optimizers do not support sparse gradients")
         key = STASH + role
-        for p in params:
-            st = self.state[p]
-            if key in st:
-                st[key].add_(p.grad)
+        holders = self.__dict__.get("_stash_holders")
+        entry = None if holders is None else holders.get(key)
+        if entry is not None and entry[0] is not struct:  # stashed before the parameters changed
+            self.__dict__["_stash_holders"] = holders = entry = None
+        if holders is not None and entry is None:
+            entry = holders[key] = (struct, [None] * len(struct.params), [])
+        dicts = self._state_dicts(struct)
+        for i in pos:
+            p, g = struct.params[i], grads[i]
+            st = dicts[i]
+            if st is None:
+                st = dicts[i] = self.state[p]
+            held = st.get(key)
+            if held is None:
+                st[key] = g
+                if entry is not None:
+                    entry[1][i] = g
+                    entry[2].append(i)
             else:
-                st[key] = p.grad
+                held.add_(g)
             p.grad = None
 
     def stashed_roles(self) -> list[str]:
@@ -309,6 +333,14 @@ class RoleOptimizer(Optimizer):
                     del st[k]
             if keys and not st:
                 del self.state[p]
+        holders = self.__dict__.get("_stash_holders")
+        if role is None:
+            self.__dict__["_stash_holders"] = {}
+        elif holders is not None:
+            holders.pop(STASH + role, None)
+        s = self.__dict__.get("_struct")
+        if s is not None:
+            s.dicts = None  # entries may have been deleted
 
     # ------------------------------------------------------------------ mask
     def set_mask(
@@ -345,6 +377,7 @@ class RoleOptimizer(Optimizer):
                     self.state[p].pop("mask", None)
             for g in self.param_groups:
                 g["mask_mode"], g["mask_roles"] = None, None
+            self.invalidate_layout()
             return
         if mode not in ("grad", "update"):
             raise ValueError(f"mode must be 'grad' or 'update', got {mode!r}")
@@ -361,6 +394,7 @@ class RoleOptimizer(Optimizer):
             self.state[p]["mask"] = m
         for g in self.param_groups:
             g["mask_mode"], g["mask_roles"] = mode, roles
+        self.invalidate_layout()
 
     # ------------------------------------------------------------------ anchor penalty
     def set_anchor(
@@ -386,6 +420,7 @@ class RoleOptimizer(Optimizer):
                     self.state[p].pop("anchor", None)
             for g in self.param_groups:
                 g["penalty"] = 0.0
+            self.invalidate_layout()
             return
         lam_f = float(_as_scalar("lam", lam, lo=0.0, sync_ok=True))
         anchor = [p.detach() for p in params] if anchor is None else anchor
@@ -407,6 +442,7 @@ class RoleOptimizer(Optimizer):
             self.state[p]["anchor"] = a.detach().to(p.device, dt, copy=True).contiguous()
         for g in self.param_groups:
             g["penalty"] = lam_f
+        self.invalidate_layout()
 
     # ------------------------------------------------------------------ state_dict
     def _cast_state(self, p: Tensor, key: Any, v: Any) -> Any:
@@ -594,49 +630,11 @@ class RoleOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scaler_inf = getattr(self, "found_inf", None)
         with torch.no_grad():
-            if scaler_inf is None:
-                self._step(combine, clip, restore_from)
-                return loss
-            # Under GradScaler: skip on a non-finite value in any role the step reads (stashes
-            # included), where the mask lets it through; a masked-out inf does not skip the step.
-            found_inf = self._amp_found_inf(combine, scaler_inf)
-            self.found_inf, self.last_found_inf = found_inf, found_inf
-            self._amp_checked = found_inf is not scaler_inf  # stashes already checked, masks respected
-            try:
-                self._step(combine, clip, restore_from)
-            finally:
-                self.found_inf, self._amp_checked = scaler_inf, False
-            self._unscale_grads_in_place(found_inf)
+            found_inf = self._step(combine, clip, restore_from)
+            if found_inf is not None:  # under GradScaler
+                self._unscale_grads_in_place(found_inf)
         return loss
-
-    def _amp_found_inf(self, combine: Mapping[str, Any] | None, scaler_inf: Tensor) -> Tensor:
-        """GradScaler's ``found_inf`` recomputed over what the step reads, masks respected.
-
-        Without a mask and without stashed roles, GradScaler's own check over ``.grad`` is
-        exactly that and is returned as is; otherwise one pass over the role gradients.
-        """
-        masked = any(g.get("mask_mode") is not None for g in self.param_groups)
-        roles = list(self._parse_combine(combine))
-        if not masked and roles == [GRAD]:
-            return scaler_inf
-        dev = scaler_inf.device
-        bad = torch.zeros((), dtype=torch.float32, device=dev)
-        for group in self.param_groups:
-            mode, gated = group.get("mask_mode"), group.get("mask_roles")
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                mask = st.get("mask") if mode is not None else None
-                for r in roles:
-                    g = p.grad if r == GRAD else st.get(STASH + r)
-                    if g is None:
-                        continue
-                    nonfinite = ~torch.isfinite(g.detach()).reshape(-1)
-                    if mask is not None and (mode == "update" or gated is None or r in gated):
-                        nonfinite = nonfinite & ops.unpack_bits(mask, p.numel())
-                    bad = bad + nonfinite.any().to(dev, torch.float32)
-        return (bad > 0).to(scaler_inf.dtype)
 
     def _unscale_grads_in_place(self, found_inf: Tensor) -> None:
         """Leave ``.grad`` unscaled after ``scaler.step``, as torch's fused optimizers do
@@ -645,9 +643,9 @@ class RoleOptimizer(Optimizer):
         if grad_scale is None:
             return
         by_dev: dict[torch.device, list[Tensor]] = {}
-        for p in self._params():
-            if p.grad is not None:
-                by_dev.setdefault(p.grad.device, []).append(p.grad)
+        for g in [p.grad for p in self._structure().params]:
+            if g is not None:
+                by_dev.setdefault(g.device, []).append(g)
         for dev, grads in by_dev.items():
             gs = grad_scale.to(dev).reshape(())
             divisor = torch.where(found_inf.to(dev).reshape(()) > 0, torch.ones_like(gs), gs)
@@ -658,29 +656,53 @@ class RoleOptimizer(Optimizer):
         if clip is not None:
             _as_scalar("clip", clip, lo=0.0, lo_open=True)
         for gi, group in enumerate(self.param_groups):
-            if group.get("mask_mode") not in (None, "grad", "update"):
-                raise ValueError(f"param_groups[{gi}]['mask_mode'] must be None, 'grad' or 'update'")
-            self._check_group(group)
-            _numpy_to_float_(group)
+            self._check_group_once(gi, group)
         roles = [r for r in coeffs if r != GRAD]
         if not roles:
             return
         seen = self.__dict__.setdefault("_seen_roles", set())
         seen.update(roles)
-        seen.update(self.stashed_roles())
         for gi, group in enumerate(self.param_groups):
             if group.get("mask_mode") == "grad" and group.get("mask_roles") is not None:
                 unknown = [r for r in group["mask_roles"] if r != GRAD and r not in seen]
+                if unknown:  # the full scan of the state only where a role is not known yet
+                    seen.update(self.stashed_roles())
+                    unknown = [r for r in unknown if r not in seen]
                 if unknown:
                     raise ValueError(
                         f"the mask of param_groups[{gi}] gates role(s) {unknown}, which no step has named; "
                         f"known roles: {sorted({GRAD, *seen})} (misspelt in set_mask(roles=...)?)"
                     )
 
+    def _check_group_once(self, gi: int, group: dict[str, Any]) -> None:
+        """The group's hyper-parameters checked when they differ from the last checked ones.
+
+        A group is compared by value (numbers, strings, tuples) and by identity (tensors, lists):
+        a tensor hyper-parameter is checked when it first appears in the group (where it is set),
+        never read again per step, so an LR scheduler's in-place update of a 0-d CUDA lr costs no
+        sync. While ``torch.compile`` traces, the checks run without reading tensors.
+        """
+        if torch.compiler.is_compiling():
+            self._check_group_values(gi, group)
+            return
+        checked = self.__dict__.setdefault("_checked_groups", {})
+        sig = _group_signature(group)
+        hit = checked.get(gi)
+        if hit is not None and hit[0] is group and hit[1] == sig:
+            return
+        self._check_group_values(gi, group)
+        checked[gi] = (group, _group_signature(group))
+
+    def _check_group_values(self, gi: int, group: dict[str, Any]) -> None:
+        if group.get("mask_mode") not in (None, "grad", "update"):
+            raise ValueError(f"param_groups[{gi}]['mask_mode'] must be None, 'grad' or 'update'")
+        self._check_group(group)
+        _numpy_to_float_(group)
+
     def _check_restore_from(self, restore_from: object) -> dict[Tensor, Tensor] | None:
         if restore_from is None:
             return None
-        params = self._params()
+        params = self._structure().params
         if isinstance(restore_from, Tensor) or not isinstance(restore_from, Sequence):
             raise TypeError("restore_from must be a list of tensors, one per parameter")
         if len(restore_from) != len(params):
@@ -696,170 +718,443 @@ class RoleOptimizer(Optimizer):
                 raise ValueError(f"restore_from[{i}] must be contiguous")
         return dict(zip(params, restore_from))
 
-    def _step(self, combine: Mapping[str, Any] | None, clip: float | None, restore_from: object = None) -> None:
-        coeffs = self._parse_combine(combine)
-        restore = self._check_restore_from(restore_from)
-        clip = _check_clip(clip)
-        roles = list(coeffs)
-        keys = [None if r == GRAD else STASH + r for r in roles]
-        self._check_roles_stashed(roles)
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and not isinstance(found_inf, Tensor):
-            found_inf = torch.tensor(float(found_inf))
+    # ------------------------------------------------------------------ layouts (see fastclu.optim._layout)
+    def invalidate_layout(self) -> None:
+        """Drop the cached step layouts: call after replacing a tensor in ``optimizer.state``
+        by hand (everything done through the optimizer's methods is detected)."""
+        self.__dict__["_layout_epoch"] = self.__dict__.get("_layout_epoch", 0) + 1
+        self.__dict__["_struct"] = None
 
-        # Pass 1: validate everything before anything is modified.
-        plan = []  # (group, param, [role grads or None])
-        for group in self.param_groups:
-            self._check_group(group)
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                gs = [p.grad if k is None else st.get(k) for k in keys]
-                if all(g is None for g in gs):
+    def _state_dicts(self, struct: Structure) -> list[dict | None]:
+        """Every parameter's state dict (None where it has none), kept on the structure: the step
+        then looks no tensor up in ``self.state`` (a Python ``__hash__`` call each)."""
+        if struct.dicts is None:
+            get = self.state.get
+            struct.dicts = [get(p) for p in struct.params]
+        return struct.dicts
+
+    def _structure(self, check_storage: bool = True) -> Structure:
+        """The flat parameter list and its layouts, rebuilt when groups, state or storage changed."""
+        if torch.compiler.is_compiling():  # traced once: the graph keeps what it needs, Dynamo guards it
+            return Structure((), self._params(), None)
+        sig = (self.__dict__.get("_layout_epoch", 0), id(self.state),
+               tuple([(id(g["params"]), len(g["params"])) for g in self.param_groups]))  # fmt: skip
+        s = self.__dict__.get("_struct")
+        if (
+            s is not None
+            and s.sig == sig
+            and (not check_storage or s.ptrs is None or [p.data_ptr() for p in s.params] == s.ptrs)
+        ):
+            return s
+        params = self._params()
+        ptrs = None if distributed.any_dtensor(params) else [p.data_ptr() for p in params]
+        s = Structure(sig, params, ptrs)
+        self.__dict__["_struct"] = s
+        return s
+
+    def _layout_flags(self, group: dict[str, Any]) -> tuple:
+        """What of a group decides its buckets and state lists (part of the layout key)."""
+        roles = group["mask_roles"]
+        return (group["mask_mode"], None if roles is None else tuple(roles), _nonzero(group["penalty"]),
+                self._state_flags(group))  # fmt: skip
+
+    def _state_flags(self, group: dict[str, Any]) -> tuple:
+        """Subclasses: the group values their ``_state_lists`` depend on (amsgrad, momentum on)."""
+        return ()
+
+    def _layout_for(self, struct: Structure, keys: tuple, present: list[list[bool]]) -> Layout | None:
+        if torch.compiler.is_compiling():  # not cached: traced once, the graph is the cache
+            return self._build_layout(struct, keys, present)
+        key = (keys, tuple([tuple(pr) for pr in present]), tuple([self._layout_flags(g) for g in self.param_groups]),
+               self.backend, current_backend())  # fmt: skip
+        layout = struct.layouts.get(key)
+        if layout is None:
+            layout = self._build_layout(struct, keys, present)
+            if layout is not None and layout.cacheable:
+                if len(struct.layouts) >= MAX_LAYOUTS:
+                    struct.layouts.clear()
+                struct.layouts[key] = layout
+        return layout
+
+    def _build_layout(self, struct: Structure, keys: tuple, present: list[list[bool]]) -> Layout | None:
+        """Buckets (group, device, dtype, first step, mask, penalty) of the parameters holding any
+        role; no state is created here (an AMP-skipped first step must not create any)."""
+        taking = [any(col) for col in zip(*present)]
+        if not any(taking):
+            return None
+        buckets: dict[tuple, Bucket] = {}
+        pos = 0
+        for gi, group in enumerate(self.param_groups):
+            pen_on = _nonzero(group["penalty"])
+            for i in range(pos, pos + len(group["params"])):
+                if not taking[i]:
                     continue
-                for g in gs:
-                    if g is not None and (g.is_sparse or g.layout != torch.strided):
-                        raise SparseGradientError("fastclu optimizers do not support sparse gradients")
-                plan.append((group, p, gs))
-        work = ContiguousWork(p for _, p, _ in plan)  # channels_last / transposed parameters
-        if not plan:
-            self.clear_stash()
-            return
-
-        if not getattr(self, "_amp_checked", False):  # the wrappers' AMP path checked every role already
-            found_inf = _with_stash_finiteness(found_inf, plan, keys)
-        if self._skips_first_step(plan, found_inf, restore):
-            self.clear_stash()
-            return
-        buckets = self._buckets(plan, len(roles))
-
-        def gating(b: dict[str, Any]) -> tuple[list[Tensor] | None, list[bool]]:
-            return self._gating(b, roles)
-
-        scale: float | Tensor = 1.0
-        if clip is not None:
-            scale = self._clip_scale(buckets.values(), gating, coeffs, clip, grad_scale)
+                p = struct.params[i]
+                st = self.state.get(p, _EMPTY)
+                init = self._needs_init(group, st)
+                has_mask = group["mask_mode"] is not None and "mask" in st
+                has_pen = pen_on and "importance" in st and "anchor" in st
+                k = (gi, p.device, p.dtype, init, has_mask, has_pen)
+                b = buckets.get(k)
+                if b is None:
+                    b = buckets[k] = Bucket(group, [], [], init, has_mask, has_pen, *self._backend_of(p))
+                b.idx.append(i)
+                b.params.append(p)
+            pos += len(group["params"])
         for b in buckets.values():
-            self._combine_bucket(b, gating(b), coeffs, scale, grad_scale, found_inf, restore, work)
-        work.write_back()
-        self.clear_stash()
+            self._describe_bucket(b, struct, keys, present)
+        params = [p for b in buckets.values() for p in b.params]
+        return Layout(list(buckets.values()), distributed.any_dtensor(params),
+                      cacheable=not any(b.init for b in buckets.values()), struct=struct)  # fmt: skip
 
-    def _check_roles_stashed(self, roles: list[str]) -> None:
-        stashed = self.stashed_roles()
-        unknown = [r for r in roles if r != GRAD and r not in stashed]
-        if unknown:
-            # A misspelt role would otherwise count as zero and its step would drop the real stash.
-            raise ValueError(f"combine names role(s) {unknown} but nothing is stashed under them; stashed: {stashed}")
+    def _backend_of(self, p: Tensor) -> tuple[str, Callable, Callable]:
+        """The backend that runs a bucket of ``p``'s dtype and device, and its combine / gram
+        implementations (fp64 goes to the reference, as :mod:`fastclu.ops` routes it)."""
+        name = choose("combine_step_", self.backend, device_type([p]))
+        if p.dtype == torch.float64:
+            name = "reference"
+        return (
+            name,
+            implementation("combine_step_", name),
+            implementation("gram", choose("gram", name, device_type([p]))),
+        )
 
-    def _skips_first_step(self, plan: list, found_inf: Tensor | None, restore: dict | None) -> bool:
-        """A skipped first step must not create state that would change the next one
-        (one host sync, on first steps under AMP only); the fused restore still happens."""
-        first = found_inf is not None and any(self._needs_init(grp, self.state.get(p, {})) for grp, p, _ in plan)
-        if not (first and float(found_inf.reshape(())) != 0.0):
-            return False
-        if restore is not None:
-            by_key: dict[tuple, list[Tensor]] = {}
-            for _, p, _ in plan:
-                if restore[p] is not p:
-                    by_key.setdefault((p.device, p.dtype), []).append(p)
-            for ps in by_key.values():
-                ops.restore_(ps, [restore[p] for p in ps], backend=self.backend)
-        return True
-
-    def _buckets(self, plan: list, n_roles: int) -> dict[tuple, dict[str, Any]]:
-        """Pass 2: state, and one bucket per (group, device, dtype, state layout): one launch each."""
-        buckets: dict[tuple, dict[str, Any]] = {}
-        for group, p, gs in plan:
-            init = self._init_state(group, p, self.state.setdefault(p, {}))
-            st = self.state[p]
-            if not st:
-                del self.state[p]  # torch keeps no entry for a stateless parameter (SGD without momentum)
-            has_mask = group["mask_mode"] is not None and "mask" in st
-            has_pen = group["penalty"] != 0 and "importance" in st and "anchor" in st
-            key = (id(group), p.device, p.dtype, init, has_mask, has_pen)
-            b = buckets.setdefault(key, {"group": group, "init": init, "mask": has_mask, "pen": has_pen,
-                                         "params": [], "grads": [[] for _ in range(n_roles)]})  # fmt: skip
-            b["params"].append(p)
-            for r, g in enumerate(gs):
-                if g is None:
-                    g = torch.zeros_like(p)
-                b["grads"][r].append(distributed.local(g if g.is_contiguous() else g.contiguous()))
-        return buckets
-
-    def _gating(self, b: dict[str, Any], roles: list[str]) -> tuple[list[Tensor] | None, list[bool]]:
-        """The bucket's masks (None: no gating) and which roles they gate."""
-        if not b["mask"]:
-            return None, [False] * len(roles)
-        group = b["group"]
+    def _describe_bucket(self, b: Bucket, struct: Structure, keys: tuple, present: list[list[bool]]) -> None:
+        b.identity = len(b.idx) == len(struct.params)
+        b.missing = [[j for j, i in enumerate(b.idx) if not pr[i]] for pr in present]
+        if any(p.numel() == 0 for p in b.params):
+            b.nonempty = [j for j, p in enumerate(b.params) if p.numel()]
+        b.noncontig = [j for j, p in enumerate(b.params) if not p.is_contiguous()]
+        ContiguousWork(b.params[j] for j in b.noncontig)  # refuses parameters with gaps or overlaps, here
+        group = b.group
+        roles = [GRAD if k is None else k[len(STASH) :] for k in keys]
         if group["mask_mode"] == "update":
             flags = [True] * len(roles)
         else:
             gated = group["mask_roles"]
             flags = [gated is None or r in gated for r in roles]
-        if not any(flags) and group["mask_mode"] == "grad":
-            return None, flags
-        return [self.state[p]["mask"] for p in b["params"]], flags
+        if b.has_mask and (any(flags) or group["mask_mode"] == "update"):
+            b.masks = distributed.local_list([self.state[p]["mask"] for p in b.params])
+            b.flags, b.mode = flags, group["mask_mode"]
+        else:
+            b.flags = [False] * len(roles)
+
+    def _finish_layout(self, layout: Layout) -> None:
+        """State for every parameter of the layout, and the kernel views of parameters and state."""
+        for b in layout.buckets:
+            group = b.group
+            for p in b.params:
+                st = self.state.setdefault(p, {})
+                self._init_state(group, p, st)
+                if not st:
+                    del self.state[p]  # torch keeps no entry for a stateless parameter (SGD without momentum)
+        if layout.struct is not None:
+            layout.struct.dicts = None  # entries created
+        for b in layout.buckets:
+            group = b.group
+            b.kparams, b.states = self._kernel_tensors(b.params, self._state_lists(group, b.params))
+            if b.has_pen:
+                b.pen = {"importance": distributed.local_list([self.state[p]["importance"] for p in b.params]),
+                         "anchor": distributed.local_list([self.state[p]["anchor"] for p in b.params])}  # fmt: skip
+        layout.ready = True
+
+    @staticmethod
+    def _kernel_tensors(
+        params: list[Tensor], states: dict[str, list[Tensor]]
+    ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        """The tensors the kernels see for the optimizer's parameters and state lists: the one place
+        that maps one to the other (DTensor parameters step as their local shards)."""
+        return distributed.local_list(params), {k: distributed.local_list(v) for k, v in states.items()}
+
+    # ------------------------------------------------------------------ the step
+    def _role_lists(self, struct: Structure, keys: tuple) -> list[list[Tensor | None]]:
+        """Per role, its tensor for every parameter (None where it has none)."""
+        params = struct.params
+        holders = self.__dict__.get("_stash_holders")
+        out = []
+        for k in keys:
+            if k is None:
+                out.append([p.grad for p in params])
+                continue
+            entry = None if holders is None else holders.get(k)
+            if entry is not None and entry[0] is struct:
+                out.append(entry[1])
+            elif holders is not None and entry is None:
+                out.append([None] * len(params))
+            else:
+                out.append([st.get(k) if st is not None else None for st in self._state_dicts(struct)])
+        return out
+
+    def _bucket_grads(self, b: Bucket, lists: list[list[Tensor | None]], dtensor: bool) -> list[list[Tensor]]:
+        """The bucket's role gradients as the kernels read them (dense, contiguous, local shards);
+        refuses sparse gradients before anything moves."""
+        out = []
+        for r, xs in enumerate(lists):
+            gs = pick(xs, b)
+            if b.missing[r]:
+                gs = list(gs)
+                for j in b.missing[r]:
+                    gs[j] = torch.zeros_like(b.params[j])
+            if dtensor:
+                gs = distributed.local_list(gs)
+            if not all(map(Tensor.is_contiguous, gs)):
+                gs = [_dense(g) for g in gs]
+            out.append(gs)
+        return out
+
+    def _step(
+        self, combine: Mapping[str, Any] | None, clip: float | None, restore_from: object = None
+    ) -> Tensor | None:
+        """The step; returns the ``found_inf`` it used (None outside GradScaler)."""
+        coeffs = self._parse_combine(combine)
+        restore = self._check_restore_from(restore_from)
+        clip = _check_clip(clip)
+        roles = list(coeffs)
+        keys = tuple(None if r == GRAD else STASH + r for r in roles)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            found_inf = torch.tensor(float(found_inf))
+        struct = self._structure()
+        lists = self._role_lists(struct, keys)
+        present = [[g is not None for g in xs] for xs in lists]
+        self._check_roles_stashed(roles, present)
+        layout = self._layout_for(struct, keys, present)
+        if layout is None:
+            self._drop_stashes()
+            return found_inf
+        grads = [self._bucket_grads(b, lists, layout.dtensor) for b in layout.buckets]
+        # The public ops (full validation) on a layout's first step and while tracing; its
+        # backend's implementations directly afterwards.
+        direct = layout.ready and not torch.compiler.is_compiling()
+        grams: dict[int, Tensor] = {}
+        if found_inf is not None:
+            found_inf = self._amp_found_inf(layout, grads, roles, found_inf, grams, direct)
+            self.last_found_inf = found_inf
+        if not layout.ready:
+            if self._skips_first_step(layout, found_inf, restore):
+                self._drop_stashes()
+                return found_inf
+            self._finish_layout(layout)
+        scale: float | Tensor = 1.0
+        if clip is not None:
+            scale = self._clip_scale(layout, grads, coeffs, clip, grad_scale, grams, direct)
+        work = ContiguousWork(b.params[j] for b in layout.buckets for j in b.noncontig)
+        for b, gs in zip(layout.buckets, grads):
+            self._combine_bucket(b, gs, coeffs, scale, grad_scale, found_inf, restore, work, layout.dtensor, direct)
+        work.write_back()
+        self._drop_stashes()
+        return found_inf
+
+    def _check_roles_stashed(self, roles: list[str], present: list[list[bool]]) -> None:
+        unknown = [r for r, pr in zip(roles, present) if r != GRAD and not any(pr)]
+        if unknown:
+            # A misspelt role would otherwise count as zero and its step would drop the real stash.
+            raise ValueError(
+                f"combine names role(s) {unknown} but nothing is stashed under them; stashed: {self.stashed_roles()}"
+            )
+
+    def _drop_stashes(self) -> None:
+        """Consume every stashed role (the step's end): only the parameters :meth:`stash` touched."""
+        holders = self.__dict__.get("_stash_holders")
+        if holders is None:  # stashes of unknown origin (a loaded state_dict): one full scan
+            self.clear_stash()
+            return
+        for key, (struct, _, positions) in holders.items():
+            dicts = self._state_dicts(struct)
+            for i in positions:
+                st = dicts[i]
+                if st is not None and st.pop(key, None) is not None and not st:
+                    del self.state[struct.params[i]]  # torch keeps no entry for a stateless parameter
+                    dicts[i] = None
+        holders.clear()
+
+    def _skips_first_step(self, layout: Layout, found_inf: Tensor | None, restore: dict | None) -> bool:
+        """A skipped first step must not create state that would change the next one
+        (one host sync, on first steps under AMP only); the fused restore still happens."""
+        first = found_inf is not None and any(b.init for b in layout.buckets)
+        if not (first and float(found_inf.reshape(())) != 0.0):
+            return False
+        if restore is not None:
+            by_key: dict[tuple, list[Tensor]] = {}
+            for b in layout.buckets:
+                for p in b.params:
+                    if restore[p] is not p:
+                        by_key.setdefault((p.device, p.dtype), []).append(p)
+            for ps in by_key.values():
+                ops.restore_(ps, [restore[p] for p in ps], backend=self.backend)
+        return True
+
+    def _gram(self, b: Bucket, gs: list[list[Tensor]], direct: bool) -> Tensor:
+        if direct:
+            return b.gram(gs, mask=b.masks, masked=b.flags)
+        return ops.gram(gs, mask=b.masks, masked=b.flags, backend=self.backend)
+
+    def _amp_found_inf(
+        self,
+        layout: Layout,
+        grads: list[list[list[Tensor]]],
+        roles: list[str],
+        scaler_inf: Tensor,
+        grams: dict[int, Tensor],
+        direct: bool,
+    ) -> Tensor:
+        """GradScaler's ``found_inf`` extended to what the step reads, masks respected, on the device.
+
+        GradScaler checked every ``.grad``: that stands for the live role where no mask gates it.
+        Unmasked roles: one ``_foreach_norm(inf)`` per bucket (exact: a max, it cannot overflow).
+        Masked roles: the bucket's gram (shared with the clip), whose diagonal ``sum (m g_r)^2`` is
+        non-finite where an unmasked element is; a masked-out inf does not reach it. A finite
+        input whose squares overflow the fp32 diagonal is told apart by also requiring a
+        non-finite element in the role (any, masked or not): only both together skip the step.
+        No host sync; a constant number of ATen ops per bucket.
+        """
+        g_r = roles.index(GRAD) if GRAD in roles else None
+        grad_checked = g_r is None or not any(b.masks is not None and b.flags[g_r] for b in layout.buckets)
+        dev = scaler_inf.device
+        bad: list[Tensor] = []  # 0-d bools
+        for bi, (b, gs) in enumerate(zip(layout.buckets, grads)):
+            masked = [r for r in range(len(roles)) if b.masks is not None and b.flags[r]]
+            plain = [r for r in range(len(roles)) if r not in masked and not (r == g_r and grad_checked)]
+            if plain:
+                bad.append(_nonfinite([gs[r] for r in plain], b.nonempty))
+            if masked:
+                g = grams[bi] = self._gram(b, gs, direct)
+                diag = g[masked[0], masked[0]]
+                for r in masked[1:]:
+                    diag = diag + g[r, r]
+                bad.append(~torch.isfinite(diag) & _nonfinite([gs[r] for r in masked], b.nonempty))
+        if not bad:
+            return scaler_inf
+        bad = [t if t.device == dev else t.to(dev) for t in bad]
+        any_bad = bad[0] if len(bad) == 1 else torch.stack(bad).any()
+        if not grad_checked:
+            return any_bad.to(torch.float32)
+        return scaler_inf.reshape(()) + any_bad  # fp32: nonzero skips the step
 
     def _combine_bucket(
         self,
-        b: dict[str, Any],
-        gate: tuple[list[Tensor] | None, list[bool]],
+        b: Bucket,
+        grads: list[list[Tensor]],
         coeffs: dict[str, float | Tensor],
         scale: float | Tensor,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         restore: dict | None,
         work: ContiguousWork,
+        dtensor: bool,
+        direct: bool,
     ) -> None:
-        """One fused :func:`fastclu.ops.combine_step_` over the bucket."""
-        group = b["group"]
-        params = b["params"]
-        mask, flags = gate
-        mode = group["mask_mode"] if mask is not None else "grad"
-        pen = {}
-        if b["pen"]:
-            pen = {"penalty": group["penalty"], "importance": [self.state[p]["importance"] for p in params],
-                   "anchor": [self.state[p]["anchor"] for p in params]}  # fmt: skip
-            pen = {k: v if k == "penalty" else distributed.local_list(v) for k, v in pen.items()}
+        """One fused ``combine_step_`` over the bucket (its backend's implementation when ``direct``)."""
+        group = b.group
+        params = b.params
         dev = params[0].device
-        sc = scale.to(dev) if isinstance(scale, Tensor) else scale
-        # DTensor (FSDP2) parameters, their grads and state step as local shards; non-contiguous
-        # parameters through their contiguous working copies
-        states = {k: distributed.local_list(v) for k, v in self._state_lists(group, params).items()}
-        ops.combine_step_(
-            distributed.local_list(work(params)), b["grads"], states, rule=self._rule, lr=group["lr"],
-            coeffs=[c.to(dev) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()],
-            scale=sc, mask=mask, masked=flags if mask is not None else None, mask_mode=mode,
-            grad_scale=None if grad_scale is None else grad_scale.to(dev),
-            found_inf=None if found_inf is None else found_inf.to(dev),
-            init_momentum=b["init"], backend=self.backend, **pen, **self._rule_kwargs(group),
-            restore_from=None if restore is None else distributed.local_list(work([restore[p] for p in params])),
-        )  # fmt: skip
+        kparams = b.kparams if not (b.noncontig or dtensor) else distributed.local_list(work(params))
+        lr = group["lr"]
+        cs = [c.to(dev).reshape(()) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()]
+        values = {
+            "rule": self._rule, "lr": lr.reshape(()) if isinstance(lr, Tensor) else lr, "coeffs": cs,
+            "scale": scale.to(dev) if isinstance(scale, Tensor) else scale, "mask": b.masks, "masked": b.flags,
+            "mask_mode": b.mode, "penalty": group["penalty"] if b.has_pen else 0.0,
+            "importance": b.pen.get("importance"), "anchor": b.pen.get("anchor"),
+            "grad_scale": None if grad_scale is None else grad_scale.to(dev),
+            "found_inf": None if found_inf is None else found_inf.to(dev),
+            "restore_from": None if restore is None else distributed.local_list(work([restore[p] for p in params])),
+            "init_momentum": b.init, **_RULE_DEFAULTS, **self._rule_kwargs(group),
+        }  # fmt: skip
+        if not direct:
+            ops.combine_step_(kparams, grads, b.states, backend=self.backend, **values)
+            return
+        fn = b.combine
+        if b.backend != "reference" and _any_fp64(values):
+            fn = implementation("combine_step_", "reference")  # an fp64 scalar: the reference's fp64 math
+        if isinstance(values["penalty"], Tensor):
+            values["penalty"] = values["penalty"].reshape(())
+        fn(kparams, grads, b.states, **values)
 
     def _clip_scale(
         self,
-        buckets: Iterable[dict[str, Any]],
-        gating: Callable,
+        layout: Layout,
+        grads: list[list[list[Tensor]]],
         coeffs: dict[str, float | Tensor],
         clip: float | Tensor,
         grad_scale: Tensor | None,
+        grams: dict[int, Tensor],
+        direct: bool,
     ) -> Tensor:
-        """``min(1, clip / (norm + 1e-6))`` with ``norm^2 = c^T G c`` from one gram pass (no host sync)."""
-        buckets = list(buckets)
+        """``min(1, clip / (norm + 1e-6))`` with ``norm^2 = c^T G c`` from one gram pass per bucket.
+
+        No host sync and no host-to-device copy: numbers enter as kernel scalars (``new_full``,
+        scalar division), device tensors are used where they are.
+        """
         total: Tensor | None = None
-        for b in buckets:
-            mask, flags = gating(b)
-            g = ops.gram(b["grads"], mask=mask, masked=flags if mask is not None else None, backend=self.backend)
+        for bi, (b, gs) in enumerate(zip(layout.buckets, grads)):
+            g = grams.get(bi)
+            if g is None:
+                g = self._gram(b, gs, direct)
             total = g.double() if total is None else total + g.to(total.device, torch.float64)
         assert total is not None
-        total = distributed.reduce_gram_(total, [p for b in buckets for p in b["params"]])
+        if layout.dtensor:
+            total = distributed.reduce_gram_(total, [p for b in layout.buckets for p in b.params])
+        c = self._coeff_vector(list(coeffs.values()), total)
         dev = total.device
-        c = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev).reshape(()) for v in coeffs.values()])
         norm = (c @ total @ c).clamp_min(0.0).sqrt()
         if grad_scale is not None:
             norm = norm / grad_scale.to(dev, torch.float64).reshape(())
-        clip_t = torch.as_tensor(clip, dtype=torch.float64).to(dev)
-        return (clip_t / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
+        bound = clip.to(dev, torch.float64) if isinstance(clip, Tensor) else clip
+        return (bound / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
+
+    def _coeff_vector(self, values: list[float | Tensor], like: Tensor) -> Tensor:
+        """fp64 ``[R]`` coefficients on ``like``'s device. Numbers: cached by value (the last few
+        sets), a new set written by fills (kernel scalars: no host-to-device copy, no sync)."""
+        if any(isinstance(v, Tensor) for v in values):
+            return torch.stack([v.to(like.device, torch.float64).reshape(()) if isinstance(v, Tensor)
+                                else like.new_full((), v, dtype=torch.float64) for v in values])  # fmt: skip
+        if torch.compiler.is_compiling():
+            return torch.stack([like.new_full((), v, dtype=torch.float64) for v in values])
+        cache = self.__dict__.setdefault("_coeff_cache", {})
+        key = (tuple(values), like.device)
+        c = cache.get(key)
+        if c is None:
+            if len(cache) >= 8:
+                cache.clear()
+            c = cache[key] = torch.stack([like.new_full((), v, dtype=torch.float64) for v in values])
+        return c
+
+
+_EMPTY: dict = {}
+_RULE_DEFAULTS = {"weight_decay": 0.0, "maximize": False, "momentum": 0.0, "dampening": 0.0, "nesterov": False,
+                  "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False}  # fmt: skip
+_PLAIN = (float, int, str, bool, type(None), tuple)
+
+
+def _group_signature(group: dict[str, Any]) -> list:
+    """The group's values: numbers, strings and tuples by value, anything else (tensors, lists) by identity."""
+    return [(k, v if isinstance(v, _PLAIN) else id(v)) for k, v in group.items()]
+
+
+def _nonzero(x: object) -> bool:
+    """``x != 0`` without reading a tensor (a tensor counts as nonzero: it is read by the kernels)."""
+    return isinstance(x, Tensor) or x != 0
+
+
+def _any_fp64(values: dict[str, Any]) -> bool:
+    xs = [values["lr"], values["scale"], values["penalty"], *values["coeffs"]]
+    return any(isinstance(x, Tensor) and x.dtype == torch.float64 for x in xs)
+
+
+def _dense(g: Tensor) -> Tensor:
+    if g.is_sparse or g.layout != torch.strided:
+        raise SparseGradientError("fastclu optimizers do not support sparse gradients")
+    return g.contiguous()
+
+
+def _nonfinite(lists: list[list[Tensor]], nonempty: list[int] | None) -> Tensor:
+    """0-d bool: any non-finite element in the tensors (one ``_foreach_norm(inf)``, read only)."""
+    ts = [t for gs in lists for t in (gs if nonempty is None else [gs[j] for j in nonempty])]
+    if not ts:
+        return torch.zeros((), dtype=torch.bool, device=lists[0][0].device if lists[0] else None)
+    return ~torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all()
 
 
 def _check_clip(clip: object) -> float | Tensor | None:
@@ -869,12 +1164,3 @@ def _check_clip(clip: object) -> float | Tensor | None:
     if isinstance(clip, float) and not clip > 0.0:
         raise ValueError(f"clip must be > 0, got {clip}")
     return clip
-
-
-def _with_stash_finiteness(found_inf: Tensor | None, plan: list, keys: list[str | None]) -> Tensor | None:
-    """GradScaler only checks ``.grad``; a non-finite stashed role must skip the step too."""
-    stash_tensors = [g for _, _, gs in plan for k, g in zip(keys, gs) if k is not None and g is not None]
-    if found_inf is None or not stash_tensors:
-        return found_inf
-    bad = torch.stack([(~torch.isfinite(g)).any().to(found_inf.device) for g in stash_tensors]).any()
-    return found_inf.reshape(()).float() + bad.float()

@@ -114,6 +114,9 @@ class AdamW(RoleOptimizer):
             st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
         return False
 
+    def _state_flags(self, group: dict[str, Any]) -> tuple:
+        return (bool(group["amsgrad"]),)
+
     def _state_lists(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, list[Tensor]]:
         keys = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         return {k: [self.state[p][k] for p in params] for k in keys}

@@ -93,6 +93,9 @@ class SGD(RoleOptimizer):
         st["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.contiguous_format)
         return True
 
+    def _state_flags(self, group: dict[str, Any]) -> tuple:
+        return (group["momentum"] != 0,)
+
     def _state_lists(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, list[Tensor]]:
         if group["momentum"] == 0:
             return {}

@@ -106,7 +106,7 @@ def combine_step_(
         fi_ptr = 0
         fi_keep = None
         if found_inf is not None:
-            if found_inf.device.type != "cuda":
+            if found_inf.device.type != dev.type:  # (CPU mode: CPU tensors stand for device ones)
                 if float(found_inf.reshape(())) != 0.0:  # host value: skip right here
                     if restore_from is not None:  # the restore is not part of the skipped step
                         torch._foreach_copy_(params, restore_from)
