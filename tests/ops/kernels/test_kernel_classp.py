@@ -27,7 +27,7 @@ CASES = [(1.0, True), (2.0, True), (1.5, True), (1.0, False)]
 @pytest.mark.parametrize("power,scaling", CASES)
 def test_classp_matches_float64_formula(backend, dtype, power, scaling, poison_alloc) -> None:  # noqa: F811
     need(backend)
-    thr, eps, lr = 0.3, 1e-5, 0.1
+    thr, eps, lr = 0.3, 0.05, 0.1  # eps large enough to matter at the tolerance
     params = randn(SIZES, dtype)
     acc = rand(SIZES, lo=0.0, hi=1.5)
     steps = [torch.tensor(float(torch.randint(0, 9, ())), device=DEVICE) for _ in SIZES]

@@ -45,7 +45,7 @@ CASES = [(1.0, True), (2.0, True), (1.5, True), (1.0, False)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("form", ["update", "update_foreach"])
 def test_rule_matches_float64_formula(power, scaling, dtype, form) -> None:
-    thr, eps = 0.4, 1e-5
+    thr, eps = 0.4, 0.05  # eps large enough to matter at the tolerance
     lr = 0.15
     cfg = StepConfig("classp", lr, threshold=thr, power=power, eps=eps, apply_scaling=scaling)
     thetas = [torch.randn(s, dtype=dtype) for s in SHAPES]
