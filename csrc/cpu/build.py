@@ -46,7 +46,9 @@ def sources() -> list[Path]:
 
 
 def headers() -> list[Path]:
-    return sorted(p for d in (CSRC, CPU, CPU / "include") for pat in ("*.h", "*.cuh", "*.hpp") for p in d.glob(pat))
+    # csrc/rules/ too: a rule's header changes combine.cu's object
+    dirs = (CSRC, CSRC / "rules", CPU, CPU / "include")
+    return sorted(p for d in dirs for pat in ("*.h", "*.cuh", "*.hpp") for p in d.glob(pat))
 
 
 def compile_flags() -> list[str]:

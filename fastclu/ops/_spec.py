@@ -21,9 +21,8 @@ tensor      Tensor or None                 ``Tensor? n``
 float/int/  Python value                   ``float n`` / ``int n`` / ``bool n`` / ``str n``
 bool/str
 floats      tuple[float, ...]              ``float[] n``
-hparams     ``**n`` of the public function:   one ``float`` / ``bool`` / ``float[]`` per name of
-            {name: value} (defaults: the      the default dict (typed by its default); passed to
-            Arg's default dict)               the backends as keywords (``**n``)
+hparams     ``**n``: {name: value}, names and  one ``float`` / ``bool`` / ``float[]`` per name,
+            defaults from ``Arg.default``  typed by its default; the backends get ``**n``
 host        Python object (seed, ...)      not in the schema: a call that sets it runs the
                                            backend directly (``Arg.host``)
 =========== ============================== ===========================================

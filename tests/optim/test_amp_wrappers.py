@@ -50,7 +50,7 @@ def _run(wrap: str, scale: float | None, inner: str = "SGD", steps: int = 4, poi
     return m, opt, sc, grads
 
 
-@pytest.mark.parametrize("inner", ["SGD", "AdamW"])
+@pytest.mark.parametrize("inner", ["SGD", "AdamW", "CLASSP"])
 @pytest.mark.parametrize("wrap", list(WRAPPERS))
 def test_scaled_run_matches_the_unscaled_one(wrap: str, inner: str) -> None:
     m_ref, _, _, g_ref = _run(wrap, None, inner)

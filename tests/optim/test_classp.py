@@ -126,3 +126,67 @@ def test_inside_a_fastclu_wrapper() -> None:
     opt.step()
     assert not torch.equal(w.detach(), clean)
     assert "acc" in opt.state_dict()["state"][0]
+
+
+def test_is_a_role_optimizer_with_fused_extras() -> None:
+    """CLASSP is the fused rule: role gradients, a grad-mode mask and the anchor penalty apply."""
+    from fastclu.optim import RoleOptimizer
+
+    w = torch.nn.Parameter(torch.randn(40))
+    opt = CLASSP([w], lr=0.1, threshold=0.1)
+    assert isinstance(opt, RoleOptimizer)
+    keep = torch.rand(40) < 0.5
+    opt.set_mask([keep], mode="grad")  # gates every role: masked-out weights see g = 0
+    imp, anc = torch.rand(40), torch.randn(40)
+    opt.set_anchor(importance=[imp], lam=0.2, anchor=[anc])
+    g_forget, g = torch.randn(40), torch.randn(40)
+    w.grad = g_forget.clone()
+    opt.stash("forget")
+    w.grad = g.clone()
+    t0 = w.detach().clone().double()
+    opt.step(combine={"grad": 1.0, "forget": -2.0})
+    comb = torch.where(keep, g.double() - 2.0 * g_forget.double(), 0.0)
+    comb = comb + 0.2 * imp.double() * (t0 - anc.double())
+    want, acc = _formula(t0.numpy(), [comb.numpy()], 0.1, 0.1, 1e-5, 1.0)
+    torch.testing.assert_close(w.detach().double(), torch.from_numpy(want), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[w]["acc"].double(), torch.from_numpy(acc), rtol=1e-5, atol=1e-6)
+
+
+def test_state_of_another_optimizer_is_refused_both_ways() -> None:
+    from fastclu.optim import SGD
+
+    w = torch.nn.Parameter(torch.randn(5))
+    c = CLASSP([w])
+    w.grad = torch.randn(5)
+    c.step()
+    s = SGD([w], lr=0.1, momentum=0.9)
+    s.step()
+    with pytest.raises(ValueError, match="lacks"):
+        s.load_state_dict(c.state_dict())
+    mixed = {**s.state_dict(), "state": c.state_dict()["state"]}
+    with pytest.raises(ValueError, match=r"\['acc'"):
+        s.load_state_dict(mixed)
+    mixed = {**c.state_dict(), "state": s.state_dict()["state"]}
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        c.load_state_dict(mixed)
+    bad = copy.deepcopy(c.state_dict())
+    bad["param_groups"][0]["power"] = -1.0
+    acc = c.state[w]["acc"].clone()
+    with pytest.raises(ValueError, match="power"):
+        c.load_state_dict(bad)
+    assert torch.equal(c.state[w]["acc"], acc)
+
+
+def test_tensor_lr_and_backend_argument() -> None:
+    a, b = torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(30))
+    b.data.copy_(a.data)
+    oa = CLASSP([a], lr=torch.tensor(0.3), power=2.0, backend="reference")
+    ob = CLASSP([b], lr=0.3, power=2.0)
+    for _ in range(2):
+        g = torch.randn(30)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="backend"):
+        CLASSP([a], backend="nope")

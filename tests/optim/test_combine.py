@@ -47,6 +47,9 @@ def _expected_first_step(theta, roles, coeffs, bits, gated, mode, clip, lam, imp
         if rule == "sgd":
             d = g + h["weight_decay"] * t  # first step: momentum buffer = d
             new = t - h["lr"] * d
+        elif rule == "classp":  # fresh acc = 0: acc = |g|**p, then the gated step
+            acc = g.abs() ** h["power"]
+            new = torch.where(g * g > h["threshold"], t - h["lr"] * g / (acc + h["eps"]) ** (1 / h["power"]), t)
         else:
             b1, b2 = h["betas"]
             m, v = (1 - b1) * g, (1 - b2) * g * g
@@ -61,11 +64,14 @@ def _make(rule, params, **kw):
     if rule == "sgd":
         h = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
         return fo.SGD(params, **h, **kw), h
+    if rule == "classp":
+        h = {"lr": 0.1, "threshold": 0.3, "power": 1.5, "eps": 1e-5}
+        return fo.CLASSP(params, **h, **kw), h
     h = {"lr": 0.01, "weight_decay": 0.05, "betas": (0.9, 0.99), "eps": 1e-6}
     return fo.AdamW(params, **h, **kw), h
 
 
-@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+@pytest.mark.parametrize("rule", ["sgd", "adamw", "classp"])
 @pytest.mark.parametrize("mode", [None, "grad", "update"])
 @pytest.mark.parametrize("clip", [None, 0.5, 1e6])
 @pytest.mark.parametrize("penalty", [False, True])
@@ -102,7 +108,7 @@ def test_combine_mask_clip_vs_formula(rule, mode, clip, penalty):
     if mode == "update":
         for p, b, t0 in zip(params, bits, theta0):
             assert torch.equal(p.detach()[~b], t0[~b])
-            buf = opt.state[p]["momentum_buffer" if rule == "sgd" else "exp_avg"]
+            buf = opt.state[p][{"sgd": "momentum_buffer", "adamw": "exp_avg", "classp": "acc"}[rule]]
             assert torch.all(buf[~b] == 0), "masked-out state must not move"
 
 
@@ -154,7 +160,7 @@ def test_missing_role_on_some_params_counts_as_zero():
         assert torch.equal(p.detach(), t)
 
 
-@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+@pytest.mark.parametrize("rule", ["sgd", "adamw", "classp"])
 def test_bad_step_arguments_modify_nothing(rule):
     params = _params()
     opt, _ = _make(rule, params)
@@ -237,9 +243,10 @@ def test_grad_scaler_skips_on_inf_in_stashed_role():
     assert all("momentum_buffer" not in opt.state[p] for p in m.parameters()), "a skipped first step creates no state"
 
 
-@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "CLASSP"])
 def test_step_restore_from_reads_clean_weights(name):
-    kw = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2} if name == "SGD" else {"lr": 0.01}
+    kw = {"SGD": {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-2}, "AdamW": {"lr": 0.01},
+          "CLASSP": {"lr": 0.1, "threshold": 0.0}}[name]  # fmt: skip
     clean = _params()
     moved = [torch.nn.Parameter(p.detach() + torch.randn_like(p)) for p in clean]
     o_clean, o_moved = getattr(fo, name)(clean, **kw), getattr(fo, name)(moved, **kw)

@@ -256,13 +256,13 @@ def test_guards_and_validation() -> None:
     assert (opt.task, opt.eps) == state_before
 
 
-@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+@pytest.mark.parametrize("inner", ["sgd", "adamw", "classp"])
 def test_fold_restore_with_fastclu_optimizer(inner: str) -> None:
     import inspect
 
     import fastclu.optim as fo
 
-    cls = fo.SGD if inner == "sgd" else fo.AdamW
+    cls = {"sgd": fo.SGD, "adamw": fo.AdamW, "classp": fo.CLASSP}[inner]
     tasks = _tasks(2)
     ps = _params()
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]

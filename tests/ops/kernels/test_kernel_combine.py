@@ -1,4 +1,4 @@
-"""combine_step_ kernels against the reference: every flag of the contract, both rules."""
+"""combine_step_ kernels against the reference: every flag of the contract, every rule."""
 
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ CASES = [
      {"lr": _t(3e-3), "scale": _t(0.5), "penalty": _t(0.2), "pen": True, "grad_scale": _t(1024.0),
       "found_inf": _t(0.0), "maximize": True, "mask": True, "restore": True}),
     ("adamw-found-inf", "adamw", 2, {"lr": 1e-2, "found_inf": _t(1.0)}),
+    ("classp-plain", "classp", 1, {"lr": 0.2, "threshold": 0.5}),
+    ("classp-p2-coeffs-mask", "classp", 2,
+     {"lr": 0.1, "power": 2.0, "threshold": 0.3, "coeffs": [1.0, -0.5], "scale": 0.7, "mask": True}),
+    ("classp-p1.5-update-pen-max-restore", "classp", 3,
+     {"lr": _t(0.1), "power": 1.5, "threshold": 0.2, "eps": 1e-4, "mask": True, "mask_mode": "update", "pen": True,
+      "maximize": True, "restore": True, "coeffs": [_t(2.0), 1.0, -1.0]}),
+    ("classp-unscaled-amp", "classp", 4,
+     {"lr": 0.05, "apply_scaling": False, "threshold": 0.01, "grad_scale": _t(8.0), "found_inf": _t(0.0),
+      "mask": True, "masked": [True, False, True, False]}),
+    ("classp-found-inf-restore", "classp", 2, {"lr": 0.1, "restore": True, "found_inf": _t(1.0)}),
 ]  # fmt: skip
 
 
@@ -60,6 +70,9 @@ def _inputs(rule: str, R: int, opts: dict, sizes: list[int], dtype: torch.dtype)
     grads = [randn(sizes, dtype) for _ in range(R)]
     if rule == "sgd":
         state = {"momentum_buffer": randn(sizes)}
+    elif rule == "classp":
+        state = {"acc": rand(sizes, lo=0.0, hi=2.0),
+                 "step": [torch.tensor(float(torch.randint(0, 20, ())), device=DEVICE) for _ in sizes]}  # fmt: skip
     else:
         state = {"exp_avg": randn(sizes, scale=0.1), "exp_avg_sq": rand(sizes, lo=0.01, hi=0.1),
                  "max_exp_avg_sq": rand(sizes, lo=0.01, hi=0.2),
@@ -104,10 +117,10 @@ def test_combine_matches_reference(backend: str, case, poison_alloc) -> None:  #
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOATS[1:])
-@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+@pytest.mark.parametrize("rule", ["sgd", "adamw", "classp"])
 def test_combine_low_precision(backend: str, dtype: torch.dtype, rule: str) -> None:
     need(backend)
-    case = CASES[1] if rule == "sgd" else CASES[7]
+    case = {"sgd": CASES[1], "adamw": CASES[7], "classp": CASES[11]}[rule]
     _run(backend, rule, case[2], case[3], SIZES, dtype)
 
 
@@ -118,10 +131,10 @@ def test_combine_many_tensors(backend: str, poison_alloc) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+@pytest.mark.parametrize("rule", ["sgd", "adamw", "classp"])
 def test_combine_one_tensor(backend: str, rule: str, poison_alloc) -> None:  # noqa: F811
     need(backend)
-    case = CASES[3] if rule == "sgd" else CASES[8]
+    case = {"sgd": CASES[3], "adamw": CASES[8], "classp": CASES[12]}[rule]
     _run(backend, rule, case[2], case[3], [4097], torch.float32)
 
 

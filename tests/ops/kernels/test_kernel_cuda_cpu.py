@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[3]
 
 @pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("found", [0.0, 1.0])
-@pytest.mark.parametrize("case", ["sgd-init-damp-restore-amp", "adamw-tensor-scalars-amp-max", "adamw-plain"])
+@pytest.mark.parametrize(
+    "case", ["sgd-init-damp-restore-amp", "adamw-tensor-scalars-amp-max", "adamw-plain", "classp-unscaled-amp"]
+)
 def test_found_inf_read_by_the_kernel(backend: str, found: float, case: str, monkeypatch) -> None:
     """On a GPU a device found_inf reaches the kernel as an address (the in-kernel AMP skip, which
     still performs a fused restore); here the wrapper reads a CPU one on the host, so the call is

@@ -16,14 +16,20 @@ from fastclu.ops.triton._rows import ROW_STATE0
 
 
 @helper
+def _general_pow(x, p):
+    """``x ** p`` for ``x >= 0`` or NaN, ``p > 0`` (0 ** p = 0 without a log of 0, which the
+    interpreter warns about; NaN stays NaN)."""
+    return tl.where(x == 0.0, 0.0, tl.exp(p * tl.log(tl.where(x == 0.0, 1.0, x))))
+
+
+@helper
 def _pow(x, mode: tl.constexpr, p):
     if mode == 0:
         return x
     elif mode == 1:
         return x * x
     else:
-        # x = 0 gives exp(-inf) = 0 for p > 0 (only gated weights are used)
-        return tl.exp(p * tl.log(x))
+        return _general_pow(x, p)
 
 
 @helper
@@ -33,7 +39,7 @@ def _root(x, mode: tl.constexpr, inv_p):
     elif mode == 1:
         return tl.sqrt_rn(x)
     else:
-        return tl.exp(inv_p * tl.log(x))
+        return _general_pow(x, inv_p)
 
 
 @helper
