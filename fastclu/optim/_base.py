@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from fastclu import distributed, ops
 from fastclu._registry import BACKENDS
 from fastclu._scalars import check_scalar
+from fastclu.optim import _complex
 
 STASH = "stash."
 GRAD = "grad"
@@ -58,8 +59,7 @@ def _check_state_value(name: str, key: Any, v: object, p: Tensor, own: set[str])
         return
     shaped = key in own or key in ("importance", "anchor") or (isinstance(key, str) and key.startswith(STASH))
     if shaped:
-        if not isinstance(v, Tensor) or not v.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+        _complex.check_like(name, v, p)  # complex: complex state for complex parameters, as torch's
         if v.shape != p.shape:
             raise ValueError(f"{name} has shape {tuple(v.shape)} but the parameter has {tuple(p.shape)}")
     elif key == "mask":
@@ -77,7 +77,9 @@ class SparseGradientError(TypeError, RuntimeError):
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
-    """Dtype of the optimizer state of ``p``: fp32, or fp64 for fp64 parameters."""
+    """Dtype of the optimizer state of ``p``: fp32, or fp64 for fp64 parameters (complex: its own)."""
+    if p.is_complex():  # complex: stepped as real views (fastclu.optim._complex)
+        return _complex.state_dtype(p)
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
@@ -225,11 +227,11 @@ class RoleOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             for i, p in enumerate(group["params"]):
-                if p.dtype not in _PARAM_DTYPES:
+                if p.dtype not in _PARAM_DTYPES + _complex.COMPLEX_DTYPES:  # complex: as real views
                     raise TypeError(
                         f"param_groups[{len(self.param_groups) - 1}]['params'][{i}] has dtype {p.dtype}; "
-                        f"fastclu optimizers take {[str(d) for d in _PARAM_DTYPES]} parameters"
-                        + (" (complex parameters are not supported)" if p.is_complex() else "")
+                        f"fastclu optimizers take {[str(d) for d in _PARAM_DTYPES + _complex.COMPLEX_DTYPES]} "
+                        "parameters"
                     )
             self._check_extra_group_keys(f"param_groups[{len(self.param_groups) - 1}]", group)
             self._check_group(group, sync_ok=True)
@@ -394,8 +396,7 @@ class RoleOptimizer(Optimizer):
             if len(xs) != len(params):
                 raise ValueError(f"{name} has {len(xs)} tensors but the optimizer has {len(params)} parameters")
             for i, (x, p) in enumerate(zip(xs, params)):
-                if not isinstance(x, Tensor) or not x.is_floating_point():
-                    raise TypeError(f"{name}[{i}] must be a floating-point tensor")
+                _complex.check_like(f"{name}[{i}]", x, p)  # complex: complex for complex parameters
                 if x.shape != p.shape:
                     raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)} but parameter {i} has {tuple(p.shape)}")
                 if x.device.type != "meta" and not bool(torch.isfinite(x).all()):  # set-time: one sync
@@ -762,7 +763,7 @@ class RoleOptimizer(Optimizer):
                 if restore[p] is not p:
                     by_key.setdefault((p.device, p.dtype), []).append(p)
             for ps in by_key.values():
-                ops.restore_(ps, [restore[p] for p in ps], backend=self.backend)
+                _complex.restore_(ps, [restore[p] for p in ps], backend=self.backend)
         return True
 
     def _buckets(self, plan: list, n_roles: int) -> dict[tuple, dict[str, Any]]:
@@ -825,7 +826,7 @@ class RoleOptimizer(Optimizer):
         # DTensor (FSDP2) parameters, their grads and state step as local shards; non-contiguous
         # parameters through their contiguous working copies
         states = {k: distributed.local_list(v) for k, v in self._state_lists(group, params).items()}
-        ops.combine_step_(
+        _complex.combine_step_(  # ops.combine_step_, complex parameters as real views
             distributed.local_list(work(params)), b["grads"], states, rule=self._rule, lr=group["lr"],
             coeffs=[c.to(dev) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()],
             scale=sc, mask=mask, masked=flags if mask is not None else None, mask_mode=mode,
@@ -848,7 +849,7 @@ class RoleOptimizer(Optimizer):
         total: Tensor | None = None
         for b in buckets:
             mask, flags = gating(b)
-            g = ops.gram(b["grads"], mask=mask, masked=flags if mask is not None else None, backend=self.backend)
+            g = _complex.gram(b["grads"], mask=mask, masked=flags if mask is not None else None, backend=self.backend)
             total = g.double() if total is None else total + g.to(total.device, torch.float64)
         assert total is not None
         total = distributed.reduce_gram_(total, [p for b in buckets for p in b["params"]])
