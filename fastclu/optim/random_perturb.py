@@ -141,7 +141,12 @@ class RandomPerturb(OptimizerWrapper):
         if "rho" in param_group:
             _check_rho("param_group['rho']", param_group["rho"])
         ps = param_group.get("params", [])
-        _complex.refuse([ps] if isinstance(ps, Tensor) else ps, "RandomPerturb", "row-scaled noise on a complex weight")
+        if not isinstance(ps, (Tensor, set)):  # a generator is read once: keep it as torch would, a list
+            ps = param_group["params"] = list(ps)
+        if not isinstance(ps, set):  # torch refuses sets itself
+            _complex.refuse(
+                [ps] if isinstance(ps, Tensor) else ps, "RandomPerturb", "row-scaled noise on a complex weight"
+            )
         self.optimizer.add_param_group(param_group)
         self.param_groups[-1].setdefault("rho", self.rho)
 

@@ -228,8 +228,10 @@ def test_wrappers_without_a_complex_meaning_refuse_at_construction(wrapper: str)
     if wrapper == "RandomPerturb":
         opt = RandomPerturb(fastclu.optim.SGD(_params(torch.float32), lr=0.1), rho=0.1, schedule="constant")
         with pytest.raises(TypeError, match="RandomPerturb does not support complex"):
-            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))]})
+            opt.add_param_group({"params": (q for q in [torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])})
         assert len(opt.param_groups) == 1
+        opt.add_param_group({"params": (q for q in [torch.nn.Parameter(torch.randn(3))])})  # a generator, read once
+        assert len(opt.param_groups[1]["params"]) == 1
 
 
 def test_fastslow_syncs_complex_as_real_views() -> None:
@@ -284,3 +286,17 @@ def test_triton_kernels_step_complex_views(name: str, monkeypatch: pytest.Monkey
     assert calls["n"] >= 6  # 3 steps x (gram + combine_step_) on the kernels
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_contiguous_complex_parameter_matches_torch() -> None:
+    def build() -> list[torch.nn.Parameter]:
+        z = torch.randn(3, 5, dtype=torch.complex64, generator=torch.Generator().manual_seed(4))
+        return [torch.nn.Parameter(z.t())]  # transposed: stepped through a contiguous working copy
+
+    ours, ref = build(), build()
+    assert not ours[0].is_contiguous()
+    o = fastclu.optim.AdamW(ours, lr=0.01, weight_decay=0.1)
+    r = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1, foreach=False)
+    _run(o, ours)
+    _run(r, ref)
+    assert torch.equal(ours[0], ref[0]) and ours[0].stride() == ref[0].stride()
