@@ -30,7 +30,10 @@ from fastclu import ops
 
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
-__all__ = ["COMPLEX_DTYPES", "check_like", "combine_step_", "gram", "real", "real_list", "refuse", "restore_"]
+__all__ = [
+    "COMPLEX_DTYPES", "check_like", "combine_step_", "gram", "lerp_sync_", "real", "real_list", "refuse", "restore_",
+    "state_dtype",
+]  # fmt: skip
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
