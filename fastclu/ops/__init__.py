@@ -245,6 +245,8 @@ def _check_combine(v: dict) -> None:
         t = v[name]
         if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
             raise TypeError(f"{name} must be a 1-element tensor or None")
+    if v["restore_from"] is not None:
+        C.same_dtype("restore_from", v["restore_from"], "params", params, "a bit-exact restore")
     _check_combine_state(v)
 
 

@@ -49,6 +49,13 @@ def aligned(name: str, xs: object, ref_name: str, ref: Sequence[Tensor], *, floa
     return out
 
 
+def same_dtype(name: str, xs: Sequence[Tensor], ref_name: str, ref: Sequence[Tensor], why: str) -> None:
+    """``xs[i].dtype == ref[i].dtype`` for every entry (operands copied bit for bit: no silent cast)."""
+    for i, (x, r) in enumerate(zip(xs, ref)):
+        if x.dtype != r.dtype:
+            raise TypeError(f"{name}[{i}] must have dtype {r.dtype} like {ref_name}[{i}] ({why}), got {x.dtype}")
+
+
 def one_device(name: str, xs: Sequence[Tensor]) -> None:
     if xs and any(x.device != xs[0].device for x in xs):
         devs = sorted({str(x.device) for x in xs})
@@ -67,6 +74,14 @@ def packed_masks(name: str, masks: object, ref_name: str, ref: Sequence[Tensor])
         if m.numel() != want:
             raise ValueError(
                 f"{name}[{i}] has {m.numel()} bytes but {ref_name}[{i}] ({r.numel()} elements) needs {want}"
+            )
+        if m.dim() != 1:
+            # A packed mask is flat (logical element order): a 2-D one with the right byte count is
+            # most likely a mask of another layout (a transposed weight's), whose bits would land
+            # on the wrong elements.
+            raise ValueError(
+                f"{name}[{i}] must be a 1-D packed mask of {want} bytes, got shape {tuple(m.shape)} "
+                "(pack masks with fastclu.ops.pack_bits)"
             )
         if m.device != r.device:
             raise ValueError(f"{name}[{i}] is on {m.device} but {ref_name}[{i}] is on {r.device}")

@@ -29,6 +29,7 @@ from fastclu import distributed, ops
 from fastclu._registry import BACKENDS, choose, current_backend, device_type, implementation
 from fastclu._scalars import check_scalar
 from fastclu.ops.rules import RULES
+from fastclu.optim import _complex
 from fastclu.optim._layout import MAX_LAYOUTS, Bucket, Layout, Structure, pick
 
 STASH = "stash."
@@ -60,8 +61,7 @@ def _check_state_value(name: str, key: Any, v: object, p: Tensor, own: set[str])
         return
     shaped = key in own or key in ("importance", "anchor") or (isinstance(key, str) and key.startswith(STASH))
     if shaped:
-        if not isinstance(v, Tensor) or not v.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+        _complex.check_like(name, v, p)  # complex: complex state for complex parameters, as torch's
         if v.shape != p.shape:
             raise ValueError(f"{name} has shape {tuple(v.shape)} but the parameter has {tuple(p.shape)}")
     elif key == "mask":
@@ -79,7 +79,9 @@ class SparseGradientError(TypeError, RuntimeError):
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
-    """Dtype of the optimizer state of ``p``: fp32, or fp64 for fp64 parameters."""
+    """Dtype of the optimizer state of ``p``: fp32, or fp64 for fp64 parameters (complex: its own)."""
+    if p.is_complex():  # complex: stepped as real views (fastclu.optim._complex)
+        return _complex.state_dtype(p)
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
@@ -231,11 +233,11 @@ class RoleOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             for i, p in enumerate(group["params"]):
-                if p.dtype not in _PARAM_DTYPES:
+                if p.dtype not in _PARAM_DTYPES + _complex.COMPLEX_DTYPES:  # complex: as real views
                     raise TypeError(
                         f"param_groups[{len(self.param_groups) - 1}]['params'][{i}] has dtype {p.dtype}; "
-                        f"fastclu optimizers take {[str(d) for d in _PARAM_DTYPES]} parameters"
-                        + (" (complex parameters are not supported)" if p.is_complex() else "")
+                        f"fastclu optimizers take {[str(d) for d in _PARAM_DTYPES + _complex.COMPLEX_DTYPES]} "
+                        "parameters"
                     )
             self._check_extra_group_keys(f"param_groups[{len(self.param_groups) - 1}]", group)
             self._check_group(group, sync_ok=True)
@@ -430,8 +432,7 @@ class RoleOptimizer(Optimizer):
             if len(xs) != len(params):
                 raise ValueError(f"{name} has {len(xs)} tensors but the optimizer has {len(params)} parameters")
             for i, (x, p) in enumerate(zip(xs, params)):
-                if not isinstance(x, Tensor) or not x.is_floating_point():
-                    raise TypeError(f"{name}[{i}] must be a floating-point tensor")
+                _complex.check_like(f"{name}[{i}]", x, p)  # complex: complex for complex parameters
                 if x.shape != p.shape:
                     raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)} but parameter {i} has {tuple(p.shape)}")
                 if x.device.type != "meta" and not bool(torch.isfinite(x).all()):  # set-time: one sync
@@ -798,6 +799,7 @@ class RoleOptimizer(Optimizer):
                 b = buckets.get(k)
                 if b is None:
                     b = buckets[k] = Bucket(group, [], [], init, has_mask, has_pen, *self._backend_of(p))
+                    b.complex = p.is_complex()
                 b.idx.append(i)
                 b.params.append(p)
             pos += len(group["params"])
@@ -811,7 +813,7 @@ class RoleOptimizer(Optimizer):
         """The backend that runs a bucket of ``p``'s dtype and device, and its combine / gram
         implementations (fp64 goes to the reference, as :mod:`fastclu.ops` routes it)."""
         name = choose("combine_step_", self.backend, device_type([p]))
-        if p.dtype == torch.float64:
+        if p.dtype in (torch.float64, torch.complex128):  # complex128: fp64 real views
             name = "reference"
         return (
             name,
@@ -835,6 +837,8 @@ class RoleOptimizer(Optimizer):
             flags = [gated is None or r in gated for r in roles]
         if b.has_mask and (any(flags) or group["mask_mode"] == "update"):
             b.masks = distributed.local_list([self.state[p]["mask"] for p in b.params])
+            if b.complex:  # complex: one bit per complex element -> two bits per real-view element
+                b.masks = _complex.real_masks(b.masks, b.params)
             b.flags, b.mode = flags, group["mask_mode"]
         else:
             b.flags = [False] * len(roles)
@@ -854,8 +858,8 @@ class RoleOptimizer(Optimizer):
             group = b.group
             b.kparams, b.states = self._kernel_tensors(b.params, self._state_lists(group, b.params))
             if b.has_pen:
-                b.pen = {"importance": distributed.local_list([self.state[p]["importance"] for p in b.params]),
-                         "anchor": distributed.local_list([self.state[p]["anchor"] for p in b.params])}  # fmt: skip
+                b.pen = {k: _complex.real_list(distributed.local_list([self.state[p][k] for p in b.params]))
+                         for k in ("importance", "anchor")}  # fmt: skip
         layout.ready = True
 
     @staticmethod
@@ -863,8 +867,12 @@ class RoleOptimizer(Optimizer):
         params: list[Tensor], states: dict[str, list[Tensor]]
     ) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
         """The tensors the kernels see for the optimizer's parameters and state lists: the one place
-        that maps one to the other (DTensor parameters step as their local shards)."""
-        return distributed.local_list(params), {k: distributed.local_list(v) for k, v in states.items()}
+        that maps one to the other (DTensor parameters step as their local shards, complex ones as
+        real views; step counters stay as they are)."""
+        real = _complex.real_list
+        return real(distributed.local_list(params)), {
+            k: distributed.local_list(v) if k == "step" else real(distributed.local_list(v)) for k, v in states.items()
+        }
 
     # ------------------------------------------------------------------ the step
     def _role_lists(self, struct: Structure, keys: tuple) -> list[list[Tensor | None]]:
@@ -899,6 +907,8 @@ class RoleOptimizer(Optimizer):
                 gs = distributed.local_list(gs)
             if not all(map(Tensor.is_contiguous, gs)):
                 gs = [_dense(g) for g in gs]
+            if b.complex:
+                gs = _complex.real_list(gs)
             out.append(gs)
         return out
 
@@ -982,7 +992,7 @@ class RoleOptimizer(Optimizer):
                     if restore[p] is not p:
                         by_key.setdefault((p.device, p.dtype), []).append(p)
             for ps in by_key.values():
-                ops.restore_(ps, [restore[p] for p in ps], backend=self.backend)
+                _complex.restore_(ps, [restore[p] for p in ps], backend=self.backend)
         return True
 
     def _gram(self, b: Bucket, gs: list[list[Tensor]], direct: bool) -> Tensor:
@@ -1049,7 +1059,8 @@ class RoleOptimizer(Optimizer):
         group = b.group
         params = b.params
         dev = params[0].device
-        kparams = b.kparams if not (b.noncontig or dtensor) else distributed.local_list(work(params))
+        real = _complex.real_list if b.complex else list
+        kparams = b.kparams if not (b.noncontig or dtensor) else real(distributed.local_list(work(params)))
         lr = group["lr"]
         cs = [c.to(dev).reshape(()) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()]
         values = {
@@ -1059,7 +1070,7 @@ class RoleOptimizer(Optimizer):
             "importance": b.pen.get("importance"), "anchor": b.pen.get("anchor"),
             "grad_scale": None if grad_scale is None else grad_scale.to(dev),
             "found_inf": None if found_inf is None else found_inf.to(dev),
-            "restore_from": None if restore is None else distributed.local_list(work([restore[p] for p in params])),
+            "restore_from": None if restore is None else real(distributed.local_list(work([restore[p] for p in params]))),
             "init_momentum": b.init, **_RULE_DEFAULTS, **self._rule_kwargs(group),
         }  # fmt: skip
         if not direct:

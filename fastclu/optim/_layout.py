@@ -56,6 +56,7 @@ class Bucket:
     states: dict[str, list[Tensor]] | None = None  # kernel view; None until the state exists
     pen: dict[str, Any] = field(default_factory=dict)
     identity: bool = False  # idx covers Structure.params in order: no picking needed
+    complex: bool = False  # complex parameters: the kernels see real views (fastclu.optim._complex)
 
 
 @dataclass

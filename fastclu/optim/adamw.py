@@ -42,7 +42,8 @@ class AdamW(RoleOptimizer):
     ``max_exp_avg_sq``) as torch's AdamW; a state dict saved by either loads into the other.
     State is kept in fp32 (fp64 for fp64 parameters) even for fp16/bf16 parameters, whose update
     is computed in fp32 and written back; ``step`` is a 0-d fp32 tensor on the parameter's device.
-    Tensor betas are converted to floats.
+    Tensor betas are converted to floats. Complex parameters step as real views, as torch's do
+    (complex moments, torch's layout; masks in the complex shape: see :mod:`fastclu.optim._complex`).
 
     Beyond torch: :meth:`stash`, :meth:`set_mask`, :meth:`set_anchor` and
     ``step(closure=None, *, combine=None, clip=None)`` (see :class:`fastclu.optim._base.RoleOptimizer`).

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fastclu import distributed, ops
+from fastclu import distributed
+from fastclu.optim import _complex
 from fastclu.optim._wrapper import OptimizerWrapper, _float, _int
-from fastclu.perturb import by_device
+from fastclu.perturb import by_device, restore_many_, restore_or_pend_
 
 __all__ = ["FastSlow"]
 
@@ -34,24 +35,43 @@ class FastSlow(OptimizerWrapper):
     loaded into the model after building the optimizer are respected). Slow weights are fp32
     for fp16/bf16 parameters, else the parameter's dtype. The inner optimizer's state (momentum,
     Adam moments) carries over each sync unchanged. ``k``, ``beta``, the step counter and the
-    slow weights are in ``state_dict()``.
+    slow weights are in ``state_dict()``. Complex parameters sync as real views (their slow
+    weights are complex).
+
+    The sync is a transaction (``transactional=True``, the default): the new slow and fast weights
+    are computed into scratch copies (one transient copy of both, per device), then committed by
+    plain copies. An exception (``KeyboardInterrupt`` included) before the commit leaves every
+    weight as it was (``sync_()`` again syncs); one during the commit is finished before it
+    propagates, and if that is interrupted too, ``exc.pending_restore.complete()`` finishes it bit
+    for bit. ``transactional=False``: one fused in-place pass, no scratch, but an interrupt between
+    two tensors leaves the weights partly synced.
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (torch's or fastclu's), already built.
         k: sync period in steps (int >= 1).
         beta: slow step size in [0, 1]; ``k=1, beta=1`` is the inner optimizer itself.
         backend: ops backend (None: automatic).
+        transactional: sync through scratch copies (see above) or in place.
     """
 
     _state_key = "fastslow"
 
-    def __init__(self, optimizer: Optimizer, k: int = 5, beta: float = 0.5, *, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        k: int = 5,
+        beta: float = 0.5,
+        *,
+        backend: str | None = None,
+        transactional: bool = True,
+    ) -> None:
         k = _int("k", k, 1)
         beta = _float("beta", beta, 0.0, 1.0)
         super().__init__(optimizer)
         self.k = k
         self.beta = beta
         self.backend = backend
+        self.transactional = bool(transactional)
         self.step_count = 0
         self._slow: dict[Tensor, Tensor] = {}
 
@@ -68,13 +88,41 @@ class FastSlow(OptimizerWrapper):
             return {p: p.detach().to(_slow_dtype(p), copy=True) for p in self.params() if p not in self._slow}
 
     def sync_(self) -> None:
-        """Sync now: ``slow += beta * (fast - slow); fast = slow`` for every initialised parameter."""
+        """Sync now: ``slow += beta * (fast - slow); fast = slow`` for every initialised parameter
+        (a transaction unless ``transactional=False``: see the class docstring)."""
         fast = [p for p in self.params() if p in self._slow]
+        groups = [(distributed.local_list([self._slow[fast[i]] for i in idx]),
+                   distributed.local_list([fast[i] for i in idx])) for idx in by_device(fast).values()]  # fmt: skip
         with torch.no_grad():
-            for idx in by_device(fast).values():
-                ops.lerp_sync_(distributed.local_list([self._slow[fast[i]] for i in idx]),
-                               distributed.local_list([fast[i] for i in idx]), self.beta,
-                               backend=self.backend)  # fmt: skip
+            if not self.transactional:
+                for slow, fst in groups:
+                    _complex.lerp_sync_(slow, fst, self.beta, backend=self.backend)
+                return
+            targets, sources = self._scratch_sync(groups)
+            # Commit: plain copies, idempotent, so a commit cut short is finished by copying again.
+            try:
+                restore_many_(targets, sources, backend=self.backend)
+            except BaseException:
+                restore_or_pend_(targets, sources, backend=self.backend)
+                raise
+
+    def _scratch_sync(self, groups: list[tuple[list[Tensor], list[Tensor]]]) -> tuple[list[Tensor], list[Tensor]]:
+        """The synced slow and fast weights computed into scratch copies (nothing visible changes);
+        returns (the weights, their new values) as real views."""
+        targets: list[Tensor] = []
+        sources: list[Tensor] = []
+        try:
+            for slow, fst in groups:
+                s_new = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in slow]
+                f_new = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in fst]
+                _complex.restore_(s_new + f_new, slow + fst, backend=self.backend)
+                _complex.lerp_sync_(s_new, f_new, self.beta, backend=self.backend)
+                targets += _complex.real_list(slow + fst)
+                sources += _complex.real_list(s_new + f_new)
+        except BaseException as exc:
+            exc.add_note("fastclu: FastSlow.sync_ was interrupted before it changed any weight; sync_() syncs")
+            raise
+        return targets, sources
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
         """Inner step (``closure`` and keywords passed through), then a sync every ``k``-th call.

@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 
 from fastclu import ops
 from fastclu.lora import LoRAPair, find_lora_layers, merged_row_norms
+from fastclu.optim import _complex
 from fastclu.perturb import mix_seed
 
 __all__ = ["FlatLoRA"]
@@ -83,6 +84,7 @@ class FlatLoRA:
             raise ValueError(f"schedule='cosine' needs total_steps, an int >= 1, got {total_steps!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        _complex.refuse(self.weights, "FlatLoRA", "row-scaled noise on a complex weight has no agreed meaning")
         devices = {p.weight.device for p in self.pairs}
         if len(devices) != 1:
             raise ValueError(f"the LoRA base weights must be on one device, found {sorted(map(str, devices))}")

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from fastclu import distributed, ops
 from fastclu._scalars import check_scalar
 from fastclu.merge import accumulate_task_, merge_task_
+from fastclu.optim import _complex
 from fastclu.optim._wrapper import OptimizerWrapper, _int
 from fastclu.perturb import by_device, perturb_many_, restore_many_
 
@@ -111,6 +112,8 @@ class PerturbMerge(OptimizerWrapper):
                 "fold_restore=True needs an inner optimizer whose step() accepts restore_from= "
                 f"(fastclu.optim.SGD/AdamW); {type(optimizer).__name__}.step does not"
             )
+        _complex.refuse((p for g in optimizer.param_groups for p in g["params"]), "PerturbMerge",
+                        "its Fisher-weighted merge coefficient is defined for real weights")  # fmt: skip
         super().__init__(optimizer)
         self.eps = eps
         self.probs = probs_t

@@ -12,12 +12,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fastclu._scalars import check_scalar
+from fastclu.optim import _complex
 from fastclu.optim._wrapper import OptimizerWrapper, _int
-from fastclu.perturb import mix_seed, perturb_many_, restore_many_
+from fastclu.perturb import mix_seed, perturb_many_, restore_many_, restore_or_pend_
 
 __all__ = ["RandomPerturb"]
 
 SCHEDULES = ("cosine", "constant")
+
+
+def _scratch(params: list[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
 
 
 def _check_rho(name: str, rho: object) -> float:
@@ -72,6 +77,10 @@ class RandomPerturb(OptimizerWrapper):
         ulp): harmless in fp32, about 1% of the weights' norm in bf16 after 1000 cycles (use
         ``exact=True`` there, or fp32 master weights).
 
+        Each move (the noise in, the noise out) is still a transaction: a transient copy of the
+        group's weights is taken for the length of the move only (freed before the forward), so an
+        interrupt between two tensors puts the group back as it was before that move.
+
     Args:
         optimizer: any ``torch.optim.Optimizer``, already built.
         rho: relative noise size (>= 0), default for groups without a ``"rho"`` key.
@@ -105,6 +114,8 @@ class RandomPerturb(OptimizerWrapper):
         seed = _int("seed", seed, 0)
         if seed >= 2**64:
             raise ValueError(f"seed must be < 2**64, got {seed}")
+        _complex.refuse((p for g in optimizer.param_groups for p in g["params"]), "RandomPerturb",
+                        "row-scaled noise on a complex weight has no agreed meaning")  # fmt: skip
         for i, g in enumerate(optimizer.param_groups):
             if "rho" in g:
                 _check_rho(f"param_groups[{i}]['rho']", g["rho"])
@@ -129,6 +140,13 @@ class RandomPerturb(OptimizerWrapper):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rho" in param_group:
             _check_rho("param_group['rho']", param_group["rho"])
+        ps = param_group.get("params", [])
+        if not isinstance(ps, (Tensor, set)):  # a generator is read once: keep it as torch would, a list
+            ps = param_group["params"] = list(ps)
+        if not isinstance(ps, set):  # torch refuses sets itself
+            _complex.refuse(
+                [ps] if isinstance(ps, Tensor) else ps, "RandomPerturb", "row-scaled noise on a complex weight"
+            )
         self.optimizer.add_param_group(param_group)
         self.param_groups[-1].setdefault("rho", self.rho)
 
@@ -154,7 +172,9 @@ class RandomPerturb(OptimizerWrapper):
 
         Every group's ``rho`` is re-checked first (groups may have been edited). A transaction:
         if anything raises (``KeyboardInterrupt`` included) the weights are put back before the
-        exception propagates; with ``exact=True`` bit for bit, also between two tensors.
+        exception propagates, bit for bit (also between two tensors; with ``exact=False`` from the
+        moves' transient copies). If that put-back is itself interrupted, the exception carries
+        ``exc.pending_restore``: its ``complete()`` finishes it.
         """
         if self._applied is not None:
             raise RuntimeError("RandomPerturb noise is already applied (call remove_noise() first)")
@@ -162,6 +182,7 @@ class RandomPerturb(OptimizerWrapper):
             _check_rho(f"param_groups[{gi}]['rho']", g.get("rho", self.rho))
         f = self.ramp()
         applied = []
+        moved: list[tuple[list[Tensor], list[Tensor]]] = []
         try:
             for gi, g in enumerate(self.param_groups):
                 scale = f * float(g["rho"])
@@ -169,31 +190,39 @@ class RandomPerturb(OptimizerWrapper):
                 if scale == 0.0 or not params:
                     continue
                 seed = self.step_seed(self.step_count, gi)
-                backup = None
-                if self.exact:
-                    backup = []
-                    for p in params:
-                        b = self._backup.get(p)
-                        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                            b = self._backup[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
-                        backup.append(b)
+                # exact=False: a transient backup, for the transaction of this move only
+                backup = self._kept_backup(params) if self.exact else _scratch(params)
                 norms = perturb_many_(params, scale, backup=backup, seed=seed, backend=self.backend)
                 applied.append((params, scale, seed, None if self.exact else norms))
+                moved.append((params, backup))
         except BaseException:
-            # Undo the groups already moved so a failure leaves the weights clean.
-            self._applied = applied
-            self.remove_noise()
+            # Undo the groups already moved, from their copies, so a failure leaves the weights clean.
+            self._applied = None
+            restore_or_pend_([p for ps, _ in moved for p in ps], [b for _, bs in moved for b in bs],
+                             backend=self.backend)  # fmt: skip
             raise
         self._applied = applied
         self._window_opened = True
+
+    def _kept_backup(self, params: list[Tensor]) -> list[Tensor]:
+        """The clean-weight copies of ``exact=True``, reused from step to step."""
+        backup = []
+        for p in params:
+            b = self._backup.get(p)
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = self._backup[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            backup.append(b)
+        return backup
 
     def remove_noise(self) -> None:
         """Take the noise back out (bit-exact with ``exact=True``); no-op when none is applied.
 
         Completes a pending removal: if an earlier removal was interrupted, :attr:`noise_applied`
         is still True and calling this again finishes it (with ``exact=True`` bit for bit: the
-        copy from the backup is idempotent; with ``exact=False`` a group whose subtraction was
-        cut mid-way cannot be told apart from one not started, so only whole groups are tracked).
+        copy from the backup is idempotent; with ``exact=False``
+        each subtraction is a transaction of its own: a group cut mid-way is put back to its noisy
+        weights, and calling this again subtracts it in full). If the put-back itself is interrupted,
+        call ``exc.pending_restore.complete()`` first, then this.
         """
         if self._applied is None:
             return
@@ -202,7 +231,8 @@ class RandomPerturb(OptimizerWrapper):
             if norms is None:
                 restore_many_(params, [self._backup[p] for p in params], backend=self.backend)
             else:
-                perturb_many_(params, -scale, seed=seed, row_norms=norms, backend=self.backend)
+                perturb_many_(params, -scale, backup=_scratch(params), seed=seed, row_norms=norms,
+                              backend=self.backend)  # fmt: skip
             self._applied.pop(0)
         self._applied = None
 

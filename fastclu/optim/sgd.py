@@ -34,6 +34,8 @@ class SGD(RoleOptimizer):
     Same arguments, defaults and state_dict layout (``momentum_buffer``) as torch's SGD; a state
     dict saved by either loads into the other. Momentum buffers are kept in fp32 (fp64 for fp64
     parameters) even for fp16/bf16 parameters, whose update is computed in fp32 and written back.
+    Complex parameters step as real views, as torch's do (complex state, torch's layout; masks in
+    the complex shape: see :mod:`fastclu.optim._complex`).
 
     Beyond torch: :meth:`stash`, :meth:`set_mask`, :meth:`set_anchor` and
     ``step(closure=None, *, combine=None, clip=None)`` (see :class:`fastclu.optim._base.RoleOptimizer`).

@@ -270,6 +270,25 @@ CASES: list[Case] = [
     ("combine_nesterov", lambda: _combine(nesterov=True), ValueError, "nesterov"),
     ("combine_lr", lambda: _combine(lr="0.1"), TypeError, "lr"),
     ("combine_grad_int", lambda: _combine(grads=[int_at(P(), 0)]), TypeError, "grads[0][0]"),
+    # restore_from is copied bit for bit: another dtype is refused, not cast
+    ("combine_restore_dtype", lambda: _combine(restore_from=P(torch.float64)), TypeError, "restore_from[0]"),
+    (
+        "combine_restore_bf16",
+        lambda: _combine(restore_from=P()[:1] + P(torch.bfloat16)[1:]),
+        TypeError,
+        "restore_from[1]",
+    ),
+    (
+        "combine_restore_shape",
+        lambda: _combine(restore_from=[P()[0].t().contiguous(), P()[1]]),
+        ValueError,
+        "restore_from[0]",
+    ),
+    # a packed mask is flat: the right byte count in another shape is refused
+    ("combine_mask_2d", lambda: _combine(mask=[_mask()[0].reshape(1, 2), _mask()[1]]), ValueError, "mask[0]"),
+    ("combine_mask_2d_t", lambda: _combine(mask=[_mask()[0].reshape(2, 1), _mask()[1]]), ValueError, "mask[0]"),
+    ("combine_mask_0d", lambda: _combine(mask=[_mask()[0], _mask()[1].reshape(())]), ValueError, "mask[1]"),
+    ("gram_mask_2d", lambda: _gram([P()], mask=[_mask()[0].reshape(2, 1), _mask()[1]]), ValueError, "mask[0]"),
     (
         "combine_state_shape",
         lambda: _combine(state={"momentum_buffer": shape_at(P(), 1)}, momentum=0.9),

@@ -8,6 +8,7 @@ argument, and leaves params, grads, stashes, masks and optimizer/wrapper state b
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fastclu.ops
 import fastclu.optim
 from fastclu.optim import FastSlow, PerturbMerge, RandomPerturb
 from fastclu.perturb import hvp, perturbed
@@ -144,11 +146,13 @@ def test_backend_name_checked_in_the_constructor(backend: Any) -> None:
     refused(lambda: fastclu.optim.SGD(ps, lr=0.1, backend=backend), "backend", params=ps)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex32])
 def test_bad_param_in_a_later_group_refused_before_any_state(dtype: torch.dtype) -> None:
     ps, _loss = _model()
     opt = fastclu.optim.SGD([{"params": ps}], lr=0.1, momentum=0.9)
-    bad_p = torch.zeros(3, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "ComplexHalf support is experimental"
+        bad_p = torch.zeros(3, dtype=dtype)
     refused(lambda: opt.add_param_group({"params": [bad_p]}), "dtype", opt, ps)
     assert len(opt.param_groups) == 1
     refused(lambda: fastclu.optim.SGD([{"params": ps}, {"params": [bad_p]}], lr=0.1), "dtype", params=ps)
@@ -199,6 +203,82 @@ def test_set_anchor_nonfinite_importance() -> None:
     imp = [torch.ones_like(p) for p in ps]
     imp[1][0] = float("nan")
     refused(lambda: opt.set_anchor(imp, lam=1.0), "importance[1]", opt, ps)
+
+
+# -- complex parameters (stepped as real views) ------------------------------------------------
+def _complex_stepped(cls: str) -> tuple[Any, list, Callable]:
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64)), torch.nn.Parameter(torch.randn(3))]
+
+    def loss() -> torch.Tensor:
+        return ps[0].abs().pow(2).sum() + (ps[0].real.sum(0) * ps[1]).sum()
+
+    opt = getattr(fastclu.optim, cls)(ps, lr=0.1, **({"momentum": 0.9} if cls == "SGD" else {}))
+    loss().backward()
+    opt.step()
+    opt.set_mask([torch.rand(p.shape) > 0.3 for p in ps], mode="update")
+    loss().backward()
+    return opt, ps, loss
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_complex_masks_take_the_complex_shape(cls: str) -> None:
+    opt, ps, _ = _complex_stepped(cls)
+    rm = torch.rand(3) > 0.5
+    for label, bad_mask in (
+        ("transposed", torch.rand(3, 4) > 0.5),  # the same element count, another shape
+        ("real view", torch.rand(4, 3, 2) > 0.5),  # one bit per real part: not the complex shape
+    ):
+        refused(lambda m=bad_mask: opt.set_mask([m, rm], mode="update"), "mask[0]", opt, ps)
+        assert label
+    packed_real_view = fastclu.ops.pack_bits(torch.rand(24) > 0.5)  # 3 bytes: the view's 24 bits, not 12
+    refused(lambda: opt.set_mask([packed_real_view, rm], mode="update"), "mask[0]", opt, ps)
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
+def test_complex_anchor_state_and_restore_from_must_be_complex(cls: str) -> None:
+    opt, ps, _ = _complex_stepped(cls)
+    refused(lambda: opt.set_anchor([torch.rand(4, 3), torch.rand(3)]), "importance[0]", opt, ps)
+    refused(lambda: opt.set_anchor([torch.rand(4, 3, dtype=torch.complex64), torch.rand(3)],
+                                   anchor=[torch.rand(4, 3), torch.rand(3)]), "anchor[0]", opt, ps)  # fmt: skip
+    sd = opt.state_dict()
+    buf = "momentum_buffer" if cls == "SGD" else "exp_avg"
+    broken = {**sd, "state": {**sd["state"], 0: {**sd["state"][0], buf: torch.zeros(4, 3)}}}
+    refused(lambda: opt.load_state_dict(broken), buf, opt, ps)
+    view = torch.view_as_real(ps[0].detach()).clone()
+    refused(lambda: opt.step(restore_from=[view, ps[1].detach().clone()]), "restore_from[0]", opt, ps)
+    refused(lambda: opt.step(restore_from=[ps[0].detach().to(torch.complex128), ps[1]]), "restore_from[0]", opt, ps)
+
+
+# -- ops: restore_from dtype, packed-mask shape -------------------------------------------------
+def _op_args() -> tuple[list, list, dict]:
+    torch.manual_seed(1)
+    ps = [torch.randn(4, 3), torch.randn(5)]
+    return ps, [[torch.randn_like(p) for p in ps]], {"momentum_buffer": [torch.randn_like(p) for p in ps]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_ops_restore_from_of_another_dtype_refused(dtype: torch.dtype) -> None:
+    ps, gs, st = _op_args()
+    src = [ps[0].clone(), ps[1].to(dtype)]
+    refused(lambda: fastclu.ops.combine_step_(ps, gs, st, lr=0.1, momentum=0.9, restore_from=src),
+            "restore_from[1]", params=ps + gs[0] + st["momentum_buffer"])  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2, 1, 1)])
+def test_ops_packed_mask_of_another_shape_refused(shape: tuple[int, ...]) -> None:
+    ps, gs, st = _op_args()
+    masks = [fastclu.ops.pack_bits(torch.rand(p.shape) < 0.5) for p in ps]
+    masks[0] = masks[0].reshape(shape)
+    refused(lambda: fastclu.ops.combine_step_(ps, gs, st, lr=0.1, momentum=0.9, mask=masks, mask_mode="update"),
+            "mask[0]", params=ps + gs[0] + st["momentum_buffer"])  # fmt: skip
+    refused(lambda: fastclu.ops.gram(gs, mask=masks), "mask[0]", params=gs[0])
+
+
+def test_ops_take_no_complex_tensors() -> None:
+    ps, gs, st = _op_args()
+    z = [torch.randn(4, 3, dtype=torch.complex64), ps[1]]
+    refused(lambda: fastclu.ops.combine_step_(z, gs, st, lr=0.1), "params[0]", params=z + gs[0])
 
 
 # -- wrappers -----------------------------------------------------------------------------------

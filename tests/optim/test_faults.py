@@ -214,3 +214,144 @@ def test_load_state_dict_fault_keeps_the_old_state(monkeypatch: pytest.MonkeyPat
     assert all(torch.equal(_bits(opt.state[ps[0]][k]), v) for k, v in old.items())
     monkeypatch.undo()
     opt.load_state_dict(good)
+
+
+class Faults:
+    """Like :class:`Fault`, at every call number in ``at`` (a fault, then a fault in the recovery)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, at: set[int]) -> None:
+        self.calls, self.at, self.fired = 0, at, 0
+        real: Callable = getattr(ops, name)
+
+        def cut(x: object) -> object:
+            return x[:1] if isinstance(x, list) else x
+
+        def faulty(*args: object, **kwargs: object) -> object:
+            self.calls += 1
+            if self.calls not in self.at:
+                return real(*args, **kwargs)
+            self.fired += 1
+            real(*[cut(a) for a in args], **{k: cut(v) for k, v in kwargs.items()})
+            raise KeyboardInterrupt(f"injected into {name} call {self.calls}")
+
+        monkeypatch.setattr(ops, name, faulty)
+
+
+def _mixed_model() -> list[torch.nn.Parameter]:
+    """Several tensors per call: fp32, a bf16 one (fp32 slow weights) and a complex one."""
+    torch.manual_seed(1)
+    return [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3)),
+            torch.nn.Parameter(torch.randn(5, 2).to(torch.bfloat16)),
+            torch.nn.Parameter(torch.randn(2, 3, dtype=torch.complex64))]  # fmt: skip
+
+
+def _fastslow_before_sync() -> tuple[FastSlow, list[torch.nn.Parameter]]:
+    ps = _mixed_model()
+    opt = FastSlow(fastclu.optim.SGD(ps, lr=0.1, momentum=0.9), k=100, beta=0.3)
+    for _ in range(2):  # slow weights recorded, fast weights moved away from them
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt, ps
+
+
+def _fastslow_bits(opt: FastSlow, ps: list) -> list[torch.Tensor]:
+    return [_bits(p) for p in ps] + [_bits(s) for s in opt.slow_weights()]
+
+
+def test_fastslow_sync_survives_every_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    ref, ref_ps = _fastslow_before_sync()
+    ref.sync_()
+    after = _fastslow_bits(ref, ref_ps)
+    opt, ps = _fastslow_before_sync()
+    before = _fastslow_bits(opt, ps)
+    assert not all(torch.equal(a, b) for a, b in zip(after, before))
+    outcomes = {"untouched": 0, "finished": 0, "pending": 0}
+    for name, extra in (("restore_", False), ("lerp_sync_", False), ("restore_", True)):
+        n = _calls(name, lambda: _fastslow_before_sync()[0].sync_(), monkeypatch)
+        assert n >= 1
+        for at in range(1, n + 1):
+            opt, ps = _fastslow_before_sync()
+            with monkeypatch.context() as m:
+                f = Faults(m, name, {at, at + 1} if extra else {at})
+                with pytest.raises(KeyboardInterrupt) as info:
+                    opt.sync_()
+            assert f.fired
+            now = _fastslow_bits(opt, ps)
+            pending = getattr(info.value, "pending_restore", None)
+            if pending is not None:  # the commit and its completion were both cut
+                outcomes["pending"] += 1
+                pending.complete()
+            elif all(torch.equal(a, b) for a, b in zip(now, before)):
+                outcomes["untouched"] += 1  # cut before the commit: nothing changed
+                assert "sync_()" in "".join(getattr(info.value, "__notes__", []))
+                opt.sync_()
+            else:
+                outcomes["finished"] += 1  # the commit was cut and finished before the interrupt propagated
+            assert all(torch.equal(a, b) for a, b in zip(_fastslow_bits(opt, ps), after)), f"{name} call {at}"
+    # scratch copies (restore_ 1), the sync (lerp_sync_ 1), the commit (restore_ 2): each cut once;
+    # the commit cut twice (with its completion) leaves a pending restore
+    assert outcomes == {"untouched": 3, "finished": 1, "pending": 1}, outcomes
+
+
+def test_fastslow_in_place_sync_matches_the_transaction() -> None:
+    a, ps_a = _fastslow_before_sync()
+    b, ps_b = _fastslow_before_sync()
+    b.transactional = False
+    a.sync_()
+    b.sync_()
+    assert _same_bits(ps_a + a.slow_weights(), [_bits(t) for t in ps_b + b.slow_weights()])
+
+
+def _rp_groups(ps: list, exact: bool) -> RandomPerturb:
+    """Two groups of two tensors each: a fault after a call's first tensor cuts inside a group."""
+    inner = fastclu.optim.SGD([{"params": ps[:2]}, {"params": ps[2:], "rho": 0.2}], lr=0.1)
+    return RandomPerturb(inner, rho=0.1, schedule="constant", seed=5, exact=exact)
+
+
+def _four() -> list[torch.nn.Parameter]:
+    torch.manual_seed(2)
+    return [torch.nn.Parameter(torch.randn(s)) for s in ((4, 3), (3,), (2, 5), (6,))]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_random_perturb_fault_inside_a_noise_group(monkeypatch: pytest.MonkeyPatch, exact: bool) -> None:
+    ref_ps = _four()
+    ref = _rp_groups(ref_ps, exact)
+    clean = [_bits(p) for p in ref_ps]
+    ref.apply_noise()
+    noisy = [_bits(p) for p in ref_ps]
+    ref.remove_noise()
+    cycled = [_bits(p) for p in ref_ps]  # exact=False: the subtraction's rounding residue included
+    injected = 0
+    for name in ("perturb_", "restore_"):
+        for phase in ("apply", "remove"):
+            probe = _rp_groups(_four(), exact)
+            if phase == "remove":
+                probe.apply_noise()
+            n = _calls(name, probe.apply_noise if phase == "apply" else probe.remove_noise, monkeypatch)
+            for at in range(1, n + 1):
+                ps = _four()
+                opt = _rp_groups(ps, exact)
+                if phase == "remove":
+                    opt.apply_noise()
+                with monkeypatch.context() as m:
+                    Fault(m, name, at)
+                    with pytest.raises(KeyboardInterrupt) as info:
+                        opt.apply_noise() if phase == "apply" else opt.remove_noise()
+                injected += 1
+                pending = getattr(info.value, "pending_restore", None)
+                if pending is not None:
+                    pending.complete()
+                if phase == "apply":
+                    assert not opt.noise_applied and _same_bits(ps, clean), f"apply: {name} call {at}"
+                else:
+                    assert opt.noise_applied
+                    if not exact:  # a cut subtraction is put back: each group wholly noisy or wholly removed
+                        for g in (slice(0, 2), slice(2, 4)):
+                            assert _same_bits(ps[g], noisy[g]) or _same_bits(ps[g], cycled[g]), f"{name} call {at}"
+                    opt.remove_noise()  # the documented completion
+                    assert _same_bits(ps, cycled), f"remove: {name} call {at}"
+    # per group a backup copy and a perturb_ to apply; removal: a restore (exact) or a backup copy
+    # and a subtraction (exact=False)
+    assert injected == (8 if not exact else 6), injected
