@@ -295,7 +295,7 @@ def _step_foreach(
     keys = [k for k in cfg.state_keys if k != "step"]
     has_step = "step" in cfg.state_keys
     for (device, dtype), ((ps,), idx) in _group_tensors_by_device_and_dtype([params], with_indices=True).items():
-        cd = _compute_dtype(ps[0])
+        cd = torch.float64 if dtype == torch.float64 else torch.float32
         thetas, _ = _works(ps, cd)
         bufs = {k: _works([state[k][i] for i in idx], cd)[0] for k in keys}
         steps = [state["step"][i] for i in idx] if has_step else None
