@@ -13,11 +13,11 @@ def update(theta: Tensor, g: Tensor, bufs: dict[str, Tensor], step: Tensor | Non
     """In place on ``theta``, the moment buffers and the 0-d ``step`` counter.
 
     Bias corrections in Python floats, a tensor lr kept a tensor, as torch's single-tensor AdamW
-    does. A counter that cannot be read on the host (meta, or an accelerator under tracing) takes
-    :func:`update_foreach`'s tensor formulas instead.
+    does. A counter or lr that cannot be read on the host (meta, or an accelerator under
+    tracing) takes :func:`update_foreach`'s tensor formulas instead.
     """
     assert step is not None
-    if not _util.host_readable(step):
+    if not _util.host_readable(step, cfg.lr):
         update_foreach([theta], [g], {k: [b] for k, b in bufs.items()}, [step], cfg)
         return
     beta1, beta2 = cfg.betas

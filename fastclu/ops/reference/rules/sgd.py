@@ -10,7 +10,11 @@ from fastclu.ops.rules import StepConfig
 
 
 def update(theta: Tensor, g: Tensor, bufs: dict[str, Tensor], step: Tensor | None, cfg: StepConfig) -> None:
-    """In place on ``theta`` (and ``bufs["momentum_buffer"]``): torch.optim.sgd._single_tensor_sgd."""
+    """In place on ``theta`` (and ``bufs["momentum_buffer"]``): torch.optim.sgd._single_tensor_sgd.
+
+    A tensor lr that cannot be read on the host (meta, accelerator under tracing) is applied as
+    ``theta += g * -lr``, as in :func:`update_foreach`.
+    """
     if cfg.weight_decay != 0:
         g = g.add(theta, alpha=cfg.weight_decay)
     if cfg.momentum != 0:
@@ -20,7 +24,10 @@ def update(theta: Tensor, g: Tensor, bufs: dict[str, Tensor], step: Tensor | Non
         else:
             buf.mul_(cfg.momentum).add_(g, alpha=1 - cfg.dampening)
         g = g.add(buf, alpha=cfg.momentum) if cfg.nesterov else buf
-    theta.add_(g, alpha=-cfg.lr)
+    if _util.host_readable(cfg.lr):
+        theta.add_(g, alpha=-cfg.lr)
+    else:
+        theta.add_(g * -cfg.lr)
 
 
 def update_foreach(
