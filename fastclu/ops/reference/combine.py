@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from fastclu._registry import register
-from fastclu.ops.reference._util import mask_bools
+from fastclu.ops.reference._util import WORD, blend_, mask_bools, mask_words, select
 from fastclu.ops.reference.rules import update_foreach_of, update_of
 from fastclu.ops.rules import StepConfig
 
@@ -134,9 +134,9 @@ def combine_step_(
     cfg = StepConfig(
         rule, lr, weight_decay, maximize, momentum, dampening, nesterov, init_momentum, betas, eps, amsgrad
     )
-    bits = mask_bools(mask, [p.shape for p in params]) if mask is not None else None
     gate = [bool(f) and mask_mode == "grad" for f in masked]
-    prologue = _Prologue(grads, list(coeffs), scale, bits, gate, mask_mode, penalty, importance, anchor, grad_scale)
+    prologue = _Prologue(grads, list(coeffs), scale, mask, gate, mask_mode, penalty, importance, anchor, grad_scale)
+    prologue.shapes = [p.shape for p in params]
     if _use_foreach(foreach, rule, params, grads):
         _step_foreach(params, state, cfg, prologue, found_inf, restore_from)
     else:
@@ -146,11 +146,20 @@ def combine_step_(
 class _Prologue:
     """Everything the update reads besides the parameters and state: the gradient's recipe."""
 
-    def __init__(self, grads, coeffs, scale, bits, gate, mask_mode, penalty, importance, anchor, grad_scale):
-        self.grads, self.coeffs, self.scale, self.bits, self.gate = grads, coeffs, scale, bits, gate
+    def __init__(self, grads, coeffs, scale, mask, gate, mask_mode, penalty, importance, anchor, grad_scale):
+        self.grads, self.coeffs, self.scale, self.mask, self.gate = grads, coeffs, scale, mask, gate
+        self.shapes: list[torch.Size] = []
         self.mask_mode, self.importance, self.anchor = mask_mode, importance, anchor
         self.penalty = penalty if importance is not None and not _is(penalty, 0.0) else None
         self.grad_scale = None if grad_scale is None else grad_scale.reshape(())
+
+    def bools(self) -> list[Tensor] | None:
+        """The masks as bool tensors (the single-tensor path's ``where``)."""
+        return None if self.mask is None else mask_bools(self.mask, self.shapes)
+
+    def words(self, dtype: torch.dtype) -> list[Tensor] | None:
+        """The masks as words of ``dtype``'s width (the foreach path's bitwise select)."""
+        return None if self.mask is None else mask_words(self.mask, self.shapes, dtype)
 
 
 def _restore(params: list[Tensor], restore_from: list[Tensor] | None) -> None:
@@ -179,7 +188,7 @@ def _step_single(
         return
     update = update_of(cfg.rule)
     state_keys = [k for k in cfg.state_keys if k != "step"]
-    bits = pro.bits
+    bits = pro.bools()
     for i, p in enumerate(params):
         dtype = _compute_dtype(p)
         theta = _work(p, dtype)
@@ -236,12 +245,12 @@ def _combined_grads(
     """
     g: list[Tensor] | None = None
     owned = False
-    zero = torch.zeros((), dtype=dtype, device=device)
+    words = pro.words(dtype) if any(pro.gate) else None
     order = sorted(range(len(pro.grads)), key=lambda r: not _is(pro.coeffs[r], 1.0))
     for r in order:
         x, fresh = _works([pro.grads[r][i] for i in idx], dtype)
-        if pro.bits is not None and pro.gate[r]:
-            x, fresh = [torch.where(pro.bits[i], t, zero) for i, t in zip(idx, x)], True
+        if words is not None and pro.gate[r]:
+            x, fresh = [select(t, words[i]) for i, t in zip(idx, x)], True
         c = _on(pro.coeffs[r], device)
         if g is not None and isinstance(c, float):
             if owned:
@@ -315,25 +324,38 @@ def _step_foreach(
         update_foreach(thetas, g, bufs, steps, cfg)
 
         if select:
-            conds = _conditions(idx, pro, keep)
-            for new, prev in ((thetas, old[0]), *((bufs[k], old[1][k]) for k in keys)):
-                for t, o, c in zip(new, prev, conds):
-                    t.copy_(torch.where(c, t, o))
+            _select_back(idx, pro, keep, cd, thetas, bufs, old)
             if old_steps is not None:
-                for s, o in zip(steps, old_steps):
-                    s.copy_(torch.where(_on(keep, s.device), s, o))
+                for st, o in zip(steps, old_steps):
+                    blend_(st, o, _word(keep, st.dtype))
         _write_back(ps, thetas)
         for k in keys:
             _write_back([state[k][i] for i in idx], bufs[k])
 
 
-def _conditions(idx: list[int], pro: _Prologue, keep: Tensor | None) -> list[Tensor]:
-    """Per tensor: where the stepped value is kept (else the value before the step comes back)."""
-    if pro.mask_mode != "update":
-        assert keep is not None
-        return [keep] * len(idx)
-    assert pro.bits is not None
-    return [pro.bits[i] if keep is None else pro.bits[i] & keep for i in idx]
+def _word(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """The 0-d word of ``dtype``'s width for a 0-d bool: all bits set if True, else 0."""
+    return keep.to(WORD[dtype]).neg_()
+
+
+def _select_back(
+    idx: list[int],
+    pro: _Prologue,
+    keep: Tensor | None,
+    dtype: torch.dtype,
+    thetas: list[Tensor],
+    bufs: dict[str, list[Tensor]],
+    old: tuple[list[Tensor], dict[str, list[Tensor]]],
+) -> None:
+    """Where the mask (update mode) is 0, or when AMP found an inf, the pre-step values return."""
+    words = pro.words(dtype) if pro.mask_mode == "update" else None
+    keep_word = None if keep is None else _word(keep, dtype)
+    for new, prev in ((thetas, old[0]), *((bufs[k], old[1][k]) for k in bufs)):
+        for i, t, o in zip(idx, new, prev):
+            if words is not None:
+                blend_(t, o, words[i])
+            if keep_word is not None:
+                blend_(t, o, keep_word)
 
 
 def _write_back(dst: list[Tensor], src: list[Tensor]) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastclu._registry import register
-from fastclu.ops.reference._util import mask_bools
+from fastclu.ops.reference._util import mask_words, select
 
 
 @register("gram", "reference")
@@ -21,10 +21,11 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     bound, ``n`` the largest tensor's size, of the fp64 formula, plus the final fp32 rounding.
     Measured: <= 7e-6 of ``sum |a_j b_j|`` for random ResNet-18-shaped gradients. The clip scale built from ``G``
     (``min(1, clip / norm)``) carries half of the relative error of ``norm**2``: far below
-    anything a clip threshold resolves. Masked-out elements are dropped
-    (``where(m, g, 0)``) before any product, so an inf/NaN gradient under a zero mask bit does
-    not leak into the result. The order of every sum is fixed (tensor by tensor, pair by pair),
-    so the result is deterministic. Only the upper triangle is computed; the lower one is its
+    anything a clip threshold resolves. Masked-out elements are dropped (``where(m, g, +0.0)``,
+    as a bitwise AND with the cached mask words) before any product, so an inf/NaN gradient
+    under a zero mask bit does not leak into the result. The order of every sum is fixed (tensor
+    by tensor, pair by pair), so the result is deterministic (for a fixed BLAS thread count).
+    Only the upper triangle is computed; the lower one is its
     mirror, so the result is exactly symmetric.
     """
     n_roles = len(grads)
@@ -33,13 +34,12 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     if not ref:
         return torch.zeros(n_roles, n_roles, dtype=torch.float32, device=device)
     dtype = torch.float64 if any(g.dtype == torch.float64 for role in grads for g in role) else torch.float32
-    keep = mask_bools(mask, [g.shape for g in ref]) if mask is not None and any(masked) else None
-    zero = torch.zeros((), dtype=dtype, device=device)
+    keep = mask_words(mask, [g.shape for g in ref], dtype) if mask is not None and any(masked) else None
     rows = []
     for r, role in enumerate(grads):
         row = [(g if g.dtype == dtype else g.to(dtype)).reshape(-1) for g in role]
         if keep is not None and masked[r]:
-            row = [torch.where(k.reshape(-1), g, zero) for k, g in zip(keep, row)]
+            row = [select(g, k.reshape(-1)) for k, g in zip(keep, row)]
         rows.append(row)
     pairs = [(r, s) for r in range(n_roles) for s in range(r, n_roles)]
     # partials[i, k]: tensor i's inner product for pair k, summed over i (in this order) below.
