@@ -13,17 +13,19 @@ Two formulations, as torch.optim has:
   torch's multi-tensor SGD / AdamW (bit-identical to ``foreach=True`` in that plain case with a
   float lr), with no host read of a device value (AMP's ``found_inf`` selects, it is not read).
 
-Which one runs: ``foreach=`` of :func:`combine_step_` (this module's function; the public op
-passes None), else the environment variable ``FASTCLU_REFERENCE_FOREACH`` (``1`` / ``0``), else
-automatic: foreach when every parameter and gradient is a plain tensor (torch's
-``_default_to_fused_or_foreach`` rule, minus its device test: the point here is CPU speed)
-and the rule has an ``update_foreach``.
+Which one runs: the innermost :func:`foreach` scope (``with foreach(False): ...``), else the
+environment variable ``FASTCLU_REFERENCE_FOREACH`` (``1`` / ``0``), else automatic: foreach
+when every parameter and gradient is a plain tensor (torch's ``_default_to_fused_or_foreach``
+rule, minus its device test: the point here is CPU speed) and the rule has an
+``update_foreach``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -36,6 +38,19 @@ from fastclu.ops.rules import StepConfig
 
 FOREACH_ENV = "FASTCLU_REFERENCE_FOREACH"
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
+_FORCED: ContextVar[bool | None] = ContextVar("fastclu_reference_foreach", default=None)
+
+
+@contextlib.contextmanager
+def foreach(flag: bool | None) -> Iterator[None]:
+    """Within the scope, the reference ``combine_step_`` takes the foreach (True) or the
+    single-tensor (False) formulation; None: the environment variable, else automatic."""
+    token = _FORCED.set(flag)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
 
 Scalar = float | Tensor
 
@@ -83,6 +98,8 @@ def _combined_grad(
 
 def _use_foreach(flag: bool | None, rule: str, params: list[Tensor], grads: Sequence[list[Tensor]]) -> bool:
     if flag is None:
+        flag = _FORCED.get()
+    if flag is None:
         env = os.environ.get(FOREACH_ENV, "")
         if env not in ("", "0", "1"):
             raise ValueError(f"{FOREACH_ENV} must be '0', '1' or unset, got {env!r}")
@@ -90,7 +107,7 @@ def _use_foreach(flag: bool | None, rule: str, params: list[Tensor], grads: Sequ
     has_list_form = update_foreach_of(rule) is not None
     if flag is not None:
         if flag and not has_list_form:
-            raise ValueError(f"foreach=True: rule {rule!r} has no update_foreach")
+            raise ValueError(f"the foreach formulation was asked for, but rule {rule!r} has no update_foreach")
         return flag
     tensors = [*params, *(g for role in grads for g in role)]
     return has_list_form and all(type(t) in _FOREACH_TYPES for t in tensors)
@@ -124,12 +141,10 @@ def combine_step_(
     betas: tuple[float, float],
     eps: float,
     amsgrad: bool,
-    foreach: bool | None = None,
 ) -> None:
     """See :func:`fastclu.ops.combine_step_` (the contract); this is its specification in PyTorch.
 
-    ``foreach``: True / False force the foreach / single-tensor formulation; None: see the module
-    docstring.
+    The formulation (foreach or single-tensor) is chosen as the module docstring says.
     """
     cfg = StepConfig(
         rule, lr, weight_decay, maximize, momentum, dampening, nesterov, init_momentum, betas, eps, amsgrad
@@ -137,7 +152,7 @@ def combine_step_(
     gate = [bool(f) and mask_mode == "grad" for f in masked]
     prologue = _Prologue(grads, list(coeffs), scale, mask, gate, mask_mode, penalty, importance, anchor, grad_scale)
     prologue.shapes = [p.shape for p in params]
-    if _use_foreach(foreach, rule, params, grads):
+    if _use_foreach(None, rule, params, grads):
         _step_foreach(params, state, cfg, prologue, found_inf, restore_from)
     else:
         _step_single(params, state, cfg, prologue, found_inf, restore_from)

@@ -244,9 +244,9 @@ def test_device_formulas_never_read_a_tensor_on_the_host(rule, monkeypatch):
     values = dict(kw, coeffs=[torch.tensor(0.7), torch.tensor(-2.5), torch.tensor(1.0)], scale=torch.tensor(0.4),
                   penalty=torch.tensor(0.3))  # fmt: skip
     reads = _HostReads()
-    with reads:
+    with ref_combine.foreach(True), reads:
         ref_combine.combine_step_(
-            params, grads, st, rule=rule, lr=torch.tensor(0.01), foreach=True,
+            params, grads, st, rule=rule, lr=torch.tensor(0.01),
             weight_decay=hyper.get("weight_decay", 0.0), maximize=False, momentum=hyper.get("momentum", 0.0),
             dampening=hyper.get("dampening", 0.0), nesterov=False, init_momentum=False,
             betas=hyper.get("betas", (0.9, 0.999)), eps=hyper.get("eps", 1e-8), amsgrad=hyper.get("amsgrad", False),
@@ -280,8 +280,11 @@ def test_switch_env_and_argument(monkeypatch):
     ops.combine_step_(_rand(), [_rand()], {}, rule="sgd", lr=0.1, backend="reference")
     monkeypatch.setenv("FASTCLU_REFERENCE_FOREACH", "0")
     ops.combine_step_(_rand(), [_rand()], {}, rule="sgd", lr=0.1, backend="reference")
-    assert calls == ["foreach", "single"]
-    assert ref_combine._use_foreach(True, "sgd", [], []) and not ref_combine._use_foreach(False, "sgd", [], [])
+    with ref_combine.foreach(True):  # the scope wins over the environment
+        ops.combine_step_(_rand(), [_rand()], {}, rule="sgd", lr=0.1, backend="reference")
+        with ref_combine.foreach(False):
+            ops.combine_step_(_rand(), [_rand()], {}, rule="sgd", lr=0.1, backend="reference")
+    assert calls == ["foreach", "single", "foreach", "single"]
 
 
 # ----------------------------------------------------------------------------------------- masks
