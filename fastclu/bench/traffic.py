@@ -32,6 +32,9 @@ TRAFFIC: dict[str, dict[str, int]] = {
     "combine_step_sgd_masked": {"p": 4, "s": 2, "m": 1},
     # R = 1: grad read, param rw, exp_avg rw, exp_avg_sq rw   (4R + 24)
     "combine_step_adamw": {"p": 3, "s": 4},
+    # R = 2, AdamW, clipped: gram pass (2 grads + mask) + the masked step (2 grads, param rw,
+    # exp_avg rw, exp_avg_sq rw, mask)   (DESIGN §5: 40.3 B/elem in fp32)
+    "combine_step_adamw_masked_clipped": {"p": 6, "s": 4, "m": 2},
     # slow (fp32 master) rw, fast read + write
     "lerp_sync_": {"p": 2, "s": 2},
     # param rw, anchor read, backup write

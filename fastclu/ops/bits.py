@@ -36,6 +36,34 @@ def unpack_bits(packed: Tensor, numel: int, shape: torch.Size | tuple[int, ...] 
     return out.reshape(shape) if shape is not None else out
 
 
+def unpack_bits_list(
+    packed: list[Tensor], shapes: list[torch.Size] | list[tuple[int, ...]], dtype: torch.dtype = torch.bool
+) -> list[Tensor]:
+    """:func:`unpack_bits` of every mask at once: one concatenation, one unpack, then views.
+
+    ``packed[i]`` (``uint8[ceil(numel_i / 8)]``, all on one device) becomes a tensor of shape
+    ``shapes[i]``: bool, or for an integer ``dtype`` words with every bit set where the mask is 1
+    (``-1``) and 0 elsewhere. The results are views into one flat buffer (do not resize them). A
+    constant number of ATen ops however many tensors there are, instead of five per tensor.
+    """
+    if len(packed) != len(shapes):
+        raise ValueError(f"packed has {len(packed)} masks but shapes has {len(shapes)} entries")
+    if not packed:
+        return []
+    flat = torch.cat([m.reshape(-1) for m in packed]) if len(packed) > 1 else packed[0].reshape(-1)
+    bits = ((flat.reshape(-1, 1) & _WEIGHTS.to(flat.device)) != 0).reshape(-1)
+    if dtype != torch.bool:
+        bits = bits.to(dtype).neg_()
+    chunks = bits.split([8 * m.numel() for m in packed])
+    out = []
+    for chunk, shape in zip(chunks, shapes):
+        n = 1
+        for d in shape:
+            n *= d
+        out.append(chunk[:n].view(shape))
+    return out
+
+
 def count_bits(packed: Tensor) -> int:
     """Number of set bits in a packed mask (host sync)."""
     table = torch.tensor([i.bit_count() for i in range(256)], dtype=torch.int64, device=packed.device)

@@ -79,6 +79,70 @@ def _make_adamw(shapes, dtype, device) -> Data:
     }
 
 
+# The SFR-on-style unlearning step on AdamW: forget role masked and weighted, remain role live, clip
+# on the global norm of the combination (clip small enough to be active at every size).
+COEF_FORGET, CLIP = -1.0, 0.1
+
+
+def _make_adamw_2role(shapes, dtype, device) -> Data:
+    d = {"params": _randn(shapes, dtype, device), "grads": _randn(shapes, dtype, device, 1e-2),
+         "grads_forget": _randn(shapes, dtype, device, 1e-2)}  # fmt: skip
+    d["mask"], d["bool"] = _masks(shapes, device)
+    return d
+
+
+def _adamw_2role_fastclu(d: Data, backend: str) -> Step:
+    """``fastclu.optim.AdamW`` end to end: ``set_mask`` (mode ``grad``, forget role only), stash the
+    forget role, ``step(combine={"forget": COEF_FORGET, "grad": 1.0}, clip=CLIP)`` (gram + combine)."""
+    from fastclu.optim import AdamW
+
+    params = [p.requires_grad_(True) for p in d["params"]]
+    opt = AdamW(params, lr=ADAM_LR, betas=BETAS, eps=ADAM_EPS, weight_decay=ADAM_WD, backend=backend)
+    opt.set_mask(d["mask"], mode="grad", roles=["forget"])
+
+    def step() -> None:
+        for p, g in zip(params, d["grads_forget"]):
+            p.grad = g
+        opt.stash("forget")
+        for p, g in zip(params, d["grads"]):
+            p.grad = g
+        opt.step(combine={"forget": COEF_FORGET, "grad": 1.0}, clip=CLIP)
+
+    return step
+
+
+def _adamw_2role_torch(kind: str):
+    """The same step as the papers' code writes it on ``torch.optim.AdamW`` (``loop``:
+    ``foreach=False`` and per-tensor ops; ``foreach``: ``torch._foreach_*`` and ``foreach=True``):
+    float masks multiplied into the forget grads, the combination written to ``.grad``,
+    ``clip_grad_norm_``, the optimizer step."""
+    foreach = kind == "foreach"
+
+    def build(d: Data) -> Step:
+        params = [p.requires_grad_(True) for p in d["params"]]
+        fmasks = [m.to(p.dtype) for m, p in zip(d["bool"], params)]  # kept across steps, as the papers' code does
+        opt = torch.optim.AdamW(params, lr=ADAM_LR, betas=BETAS, eps=ADAM_EPS, weight_decay=ADAM_WD, foreach=foreach)
+
+        def step() -> None:
+            with torch.no_grad():
+                if foreach:
+                    gs = torch._foreach_mul(d["grads_forget"], fmasks)
+                    torch._foreach_mul_(gs, COEF_FORGET)
+                    torch._foreach_add_(gs, d["grads"])
+                else:
+                    gs = [
+                        (gf * m).mul_(COEF_FORGET).add_(gr) for gf, m, gr in zip(d["grads_forget"], fmasks, d["grads"])
+                    ]
+            for p, g in zip(params, gs):
+                p.grad = g
+            torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=foreach)
+            opt.step()
+
+        return step
+
+    return build
+
+
 CASES: list[Case] = [
     Case(
         "combine_step_sgd", "combine_step_", _with_shapes(_make_sgd),
@@ -110,5 +174,12 @@ CASES: list[Case] = [
         {"loop": _adamw_peer("loop"), "foreach": _adamw_peer("foreach"),
          "compile": _compiled(_adamw_peer("foreach")), "torch_fused": _adamw_peer("fused")},
         "plain AdamW: the math of torch.optim.AdamW",
+    ),
+    Case(
+        "combine_step_adamw_masked_clipped", "combine_step_", _with_shapes(_make_adamw_2role), _adamw_2role_fastclu,
+        {"loop": _adamw_2role_torch("loop"), "foreach": _adamw_2role_torch("foreach"),
+         "torch_fused": _adamw_peer("fused")},
+        "SFR-on on AdamW, optimizer step end to end: masked forget + remain grads, clipped (gram + combine); "
+        "torch_fused is plain fused AdamW (DESIGN §5's baseline), not the same math",
     ),
 ]  # fmt: skip

@@ -35,6 +35,19 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.fixture
+def single_tensor(monkeypatch):
+    """The single-tensor formulation (the specification) of the reference."""
+    monkeypatch.setenv("FASTCLU_REFERENCE_FOREACH", "0")
+
+
+@pytest.fixture(params=["single", "foreach"])
+def both_paths(request, monkeypatch):
+    """Each test below runs on both formulations of the reference (test_ref_combine_foreach.py
+    compares them with each other)."""
+    monkeypatch.setenv("FASTCLU_REFERENCE_FOREACH", "0" if request.param == "single" else "1")
+
+
 # ---------------------------------------------------------------------------------------- bit parity
 
 
@@ -43,6 +56,7 @@ def _same(a, b):
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.usefixtures("single_tensor")
 def test_sgd_bit_identical_to_torch(momentum, dampening, nesterov, weight_decay, maximize, tensor_lr):
     params = _rand()
     ref = _clone(params)
@@ -66,6 +80,7 @@ def test_sgd_bit_identical_to_torch(momentum, dampening, nesterov, weight_decay,
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.usefixtures("single_tensor")
 def test_adamw_bit_identical_to_torch(amsgrad, weight_decay, maximize, tensor_lr):
     params = _rand()
     ref = _clone(params)
@@ -115,6 +130,7 @@ def test_adamw_bit_identical_to_torch(amsgrad, weight_decay, maximize, tensor_lr
                 assert _same(v, tst[k]), k
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_input_grads_not_modified():
     params, grads = _rand(), _rand()
     keep = _clone(grads)
@@ -179,6 +195,7 @@ def _close(a, b, rtol=2e-5, atol=2e-6):
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
 @pytest.mark.parametrize("mode", ["none", "grad", "update"])
 @pytest.mark.parametrize("tensor_scalars", [False, True])
+@pytest.mark.usefixtures("both_paths")
 def test_combination_mask_penalty_amp_vs_fp64(rule, mode, tensor_scalars):
     params = _rand()
     before = _clone(params)
@@ -217,6 +234,7 @@ def test_combination_mask_penalty_amp_vs_fp64(rule, mode, tensor_scalars):
 
 
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
+@pytest.mark.usefixtures("both_paths")
 def test_found_inf_skips_everything(rule):
     params = _rand()
     before = _clone(params)
@@ -238,6 +256,7 @@ def test_found_inf_skips_everything(rule):
         assert _same(st[k], st_before[k])
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_restore_from_reads_clean_weights():
     clean = _rand()
     perturbed = [c + torch.randn_like(c) for c in clean]
@@ -256,6 +275,7 @@ def test_restore_from_reads_clean_weights():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
+@pytest.mark.usefixtures("both_paths")
 def test_low_precision_params_math_in_fp32(dtype, rule):
     params = _rand(dtype=dtype)
     p32 = [p.float() for p in params]
@@ -281,6 +301,7 @@ def test_low_precision_params_math_in_fp32(dtype, rule):
         assert _same(st[k], st32[k])
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_masked_out_inf_does_not_leak():
     params = _rand()
     bools, packed = _rand_mask()
@@ -291,6 +312,7 @@ def test_masked_out_inf_does_not_leak():
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_bad_input_leaves_state_untouched():
     params = _rand()
     before = _clone(params)

@@ -1,19 +1,25 @@
-"""AdamW (decoupled weight decay, optional AMSGrad) in torch.optim.adam's single-tensor op order."""
+"""AdamW (decoupled weight decay, optional AMSGrad) in torch.optim.adam's op order."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from fastclu.ops.reference import _util
 from fastclu.ops.rules import StepConfig
 
 
 def update(theta: Tensor, g: Tensor, bufs: dict[str, Tensor], step: Tensor | None, cfg: StepConfig) -> None:
     """In place on ``theta``, the moment buffers and the 0-d ``step`` counter.
 
-    Bias corrections in Python floats, a tensor lr kept a tensor, as torch does.
+    Bias corrections in Python floats, a tensor lr kept a tensor, as torch's single-tensor AdamW
+    does. A counter or lr that cannot be read on the host (meta, or an accelerator under
+    tracing) takes :func:`update_foreach`'s tensor formulas instead.
     """
     assert step is not None
+    if not _util.host_readable(step, cfg.lr):
+        update_foreach([theta], [g], {k: [b] for k, b in bufs.items()}, [step], cfg)
+        return
     beta1, beta2 = cfg.betas
     lr = cfg.lr
     exp_avg, exp_avg_sq = bufs["exp_avg"], bufs["exp_avg_sq"]
@@ -34,3 +40,58 @@ def update(theta: Tensor, g: Tensor, bufs: dict[str, Tensor], step: Tensor | Non
     else:
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(cfg.eps)
     theta.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def update_foreach(
+    thetas: list[Tensor], gs: list[Tensor], bufs: dict[str, list[Tensor]], steps: list[Tensor] | None, cfg: StepConfig
+) -> None:
+    """:func:`update` over lists with ``torch._foreach_*``, in torch.optim.adam._multi_tensor_adam's
+    op order. ``gs`` is read, never written; ``steps`` (0-d counters) are incremented.
+
+    CPU counters (and a float or CPU tensor lr): bias corrections are Python floats read from
+    the counters, as torch's non-capturable foreach path does, and the step sizes are formed as
+    torch's single-tensor path forms them (``lr / bc`` in the lr's dtype for a tensor lr):
+    bit-identical to both for a float lr, to the single-tensor path for a tensor lr. Otherwise
+    (counters or lr on an accelerator or the meta device, tracing) they are formed from the
+    counters with tensor ops, as torch's capturable path does: no host read, within rounding of
+    the float path (``beta ** step`` is taken in the counters' fp32).
+    """
+    assert steps is not None
+    beta1, beta2 = cfg.betas
+    lr = cfg.lr
+    exp_avgs, exp_avg_sqs = bufs["exp_avg"], bufs["exp_avg_sq"]
+    torch._foreach_add_(steps, 1.0)
+    if cfg.weight_decay != 0:
+        torch._foreach_mul_(thetas, 1 - lr * cfg.weight_decay)
+    torch._foreach_lerp_(exp_avgs, gs, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, 1 - beta2)
+    second = exp_avg_sqs
+    if cfg.amsgrad:
+        second = bufs["max_exp_avg_sq"]
+        torch._foreach_maximum_(second, exp_avg_sqs)
+    denom = torch._foreach_sqrt(second)
+    if _util.host_readable(lr, *steps):
+        ns = [s.item() for s in steps]
+        bc1 = [1 - beta1**n for n in ns]
+        if isinstance(lr, Tensor):  # one vectorised lr / bc, rounded as the per-tensor division
+            step_size = torch.neg(lr / torch.tensor(bc1, dtype=lr.dtype))
+        else:
+            step_size = [(lr / bc) * -1 for bc in bc1]
+        torch._foreach_div_(denom, [(1 - beta2**n) ** 0.5 for n in ns])
+        torch._foreach_add_(denom, cfg.eps)
+        torch._foreach_addcdiv_(thetas, exp_avgs, denom, step_size)
+        return
+    # neg_step_size = lr / (beta1^t - 1) = -lr / (1 - beta1^t); bc2_sqrt = sqrt(1 - beta2^t)
+    neg_step_size = torch._foreach_pow(beta1, steps)
+    torch._foreach_sub_(neg_step_size, 1)
+    torch._foreach_div_(neg_step_size, lr)
+    torch._foreach_reciprocal_(neg_step_size)
+    bc2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_sub_(bc2_sqrt, 1)
+    torch._foreach_neg_(bc2_sqrt)
+    torch._foreach_sqrt_(bc2_sqrt)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, cfg.eps)
+    torch._foreach_div_(denom, neg_step_size)
+    torch._foreach_addcdiv_(thetas, exp_avgs, denom)
