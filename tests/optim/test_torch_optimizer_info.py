@@ -22,6 +22,7 @@ import pickle
 import sys
 import types
 import unittest
+import warnings
 
 import numpy as np
 import pytest
