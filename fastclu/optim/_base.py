@@ -1071,8 +1071,10 @@ class RoleOptimizer(Optimizer):
             "grad_scale": None if grad_scale is None else grad_scale.to(dev),
             "found_inf": None if found_inf is None else found_inf.to(dev),
             "restore_from": None if restore is None else real(distributed.local_list(work([restore[p] for p in params]))),
-            "init_momentum": b.init, **_RULE_DEFAULTS, **self._rule_kwargs(group),
+            **self._rule_kwargs(group),
         }  # fmt: skip
+        if "init_momentum" in RULES[self._rule].hparams:
+            values["init_momentum"] = b.init
         if not direct:
             ops.combine_step_(kparams, grads, b.states, backend=self.backend, **values)
             return
@@ -1134,8 +1136,6 @@ class RoleOptimizer(Optimizer):
 
 
 _EMPTY: dict = {}
-_RULE_DEFAULTS = {"weight_decay": 0.0, "maximize": False, "momentum": 0.0, "dampening": 0.0, "nesterov": False,
-                  "betas": (0.9, 0.999), "eps": 1e-8, "amsgrad": False}  # fmt: skip
 _PLAIN = (float, int, str, bool, type(None), tuple)
 
 
