@@ -187,22 +187,24 @@ def get(
            None if aux is None else tuple(aux))  # fmt: skip
     cap = capturing(device)
     entry = _cache.get(key)
-    if entry is None:
-        entry = _pinned.get(key)
-    if entry is None:
-        if cap:
-            raise RuntimeError(
-                f"fastclu {op}: no device table for these tensors yet and the stream is capturing a CUDA "
-                "graph; run the op once on the same tensors before capturing (warm-up)"
-            )
-        entry = _build(op, operands, key, device, dyn_set, codes)
-        _stats["builds"] += 1
-    else:
+    if entry is not None:  # the common case: one more hash of the key, no insertion
         _stats["hits"] += 1
-    _cache[key] = entry
-    _cache.move_to_end(key)
-    if len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
+        _cache.move_to_end(key)
+    else:
+        entry = _pinned.get(key)
+        if entry is None:
+            if cap:
+                raise RuntimeError(
+                    f"fastclu {op}: no device table for these tensors yet and the stream is capturing a CUDA "
+                    "graph; run the op once on the same tensors before capturing (warm-up)"
+                )
+            entry = _build(op, operands, key, device, dyn_set, codes)
+            _stats["builds"] += 1
+        else:
+            _stats["hits"] += 1
+        _cache[key] = entry
+        if len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
     if dyn_set:
         dkey = tuple(_ptrs_of(operands[k]) for k in sorted(dyn_set))
         if dkey != entry.dyn_key:
