@@ -103,7 +103,9 @@ def test_weight_fisher_is_the_merged_weight_gradient_squared() -> None:
         want[0] += twin[0].weight.grad ** 2 / 6
         want[1] += twin[2].weight.grad ** 2 / 6
     for f, w in zip(fis, want):
-        torch.testing.assert_close(f.double(), w, rtol=1e-4, atol=1e-9)
+        # fp32 against fp64: an absolute floor scaled to the tensor (a fixed 1e-9 failed on entries
+        # near 0 for some seeds; measured worst excess over rtol, 61 seeds: 1.8e-9 of max |w|)
+        torch.testing.assert_close(f.double(), w, rtol=1e-4, atol=1e-6 * float(w.abs().max()))
     assert not pairs[0].weight.requires_grad
 
 
