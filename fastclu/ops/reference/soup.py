@@ -1,0 +1,52 @@
+"""Reference MEHL-Soup ops: ``soup_combine_`` (the weighted combination) and ``soup_coef_grads``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastclu._registry import register
+
+
+def _column(coefs: Tensor, i: int) -> int:
+    return i if coefs.shape[1] > 1 else 0
+
+
+@register("soup_combine_", "reference")
+def soup_combine_(out: list[Tensor], base: list[Tensor], diffs: list[list[Tensor]], coefs: Tensor) -> None:
+    """``out[i] = base[i] + sum_k coefs[k, l(i)] * diffs[k][i]``, ``k`` in increasing order.
+
+    fp32 math (fp64 when a tensor of position ``i`` is fp64), rounded once into ``out``'s dtype.
+    """
+    c = coefs.detach().cpu()
+    for i, o in enumerate(out):
+        if o.numel() == 0:
+            continue
+        ts = [base[i], *(d[i] for d in diffs)]
+        dt = torch.float64 if any(t.dtype == torch.float64 for t in (o, *ts)) else torch.float32
+        col = _column(c, i)
+        acc = base[i].to(dt, copy=True)
+        for k, d in enumerate(diffs):
+            acc.add_(d[i].to(dt), alpha=float(c[k, col]))
+        o.copy_(acc)
+
+
+@register("soup_coef_grads", "reference")
+def soup_coef_grads(grads: list[Tensor], diffs: list[list[Tensor]], *, layerwise: bool) -> Tensor:
+    """``G[k, i] = <grads[i], diffs[k][i]>`` summed in fp64; ``[K, L]`` or ``[K, 1]`` (sum over ``i``).
+
+    Returns fp32, or fp64 when any input is fp64 (the caller's precision is kept).
+    """
+    K, L = len(diffs), len(grads)
+    device = grads[0].device if grads else torch.device("cpu")
+    acc = torch.zeros(K, L, dtype=torch.float64, device=device)
+    fp64 = any(g.dtype == torch.float64 for g in grads) or any(t.dtype == torch.float64 for d in diffs for t in d)
+    for i, g in enumerate(grads):
+        if g.numel() == 0:
+            continue
+        g64 = g.reshape(-1).double()
+        for k in range(K):
+            acc[k, i] = torch.dot(g64, diffs[k][i].reshape(-1).double())
+    if not layerwise:
+        acc = acc.sum(1, keepdim=True)
+    return acc if fp64 else acc.to(torch.float32)
