@@ -44,7 +44,8 @@ def soup_coef_grads(grads: list[Tensor], diffs: list[list[Tensor]], *, layerwise
         partial = _launch.alloc(max(t.n_chunks, 1) * K, torch.float64, dev)
         per = _launch.alloc((K, L), torch.float64, dev)
         if t.n_rows < L:  # empty tensors have no table row, so the kernel writes no entry for them
-            per.zero_()
+            empty = [i for i, g in enumerate(grads) if g.numel() == 0]
+            per.index_fill_(1, torch.tensor(empty, device=dev), 0.0)
         _C.soup_coef_grads(t.ptr, t.n_rows, t.n_chunks, K, L, partial.data_ptr(), per.data_ptr(), stream_of(dev))
     # the layer sum is torch's fixed-order fp64 reduction of [K, L]: deterministic as well
     return (per if layerwise else per.sum(1, keepdim=True)).to(torch.float32)
