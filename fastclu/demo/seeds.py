@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from fastclu import data as D
+from fastclu import metrics as M
 from fastclu._cli_checks import check_seeds_args
 from fastclu._registry import use_backend
-from fastclu import metrics as M
 from fastclu.demo.tables import table as text_table
 from fastclu.lora import add_lora
 from fastclu.losses import masked_classification_loss
