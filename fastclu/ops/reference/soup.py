@@ -17,6 +17,8 @@ def soup_combine_(out: list[Tensor], base: list[Tensor], diffs: list[list[Tensor
     """``out[i] = base[i] + sum_k coefs[k, l(i)] * diffs[k][i]``, ``k`` in increasing order.
 
     fp32 math (fp64 when a tensor of position ``i`` is fp64), rounded once into ``out``'s dtype.
+    An fp32 / fp64 ``out`` is the accumulator itself: no tensor-sized temporary (the soup streams
+    ingredients to keep memory low).
     """
     c = coefs.detach().cpu()
     for i, o in enumerate(out):
@@ -25,10 +27,23 @@ def soup_combine_(out: list[Tensor], base: list[Tensor], diffs: list[list[Tensor
         ts = [base[i], *(d[i] for d in diffs)]
         dt = torch.float64 if any(t.dtype == torch.float64 for t in (o, *ts)) else torch.float32
         col = _column(c, i)
-        acc = base[i].to(dt, copy=True)
+        acc = o if o.dtype == dt else torch.empty(o.shape, dtype=dt, device=o.device)
+        acc.copy_(base[i])  # a no-op copy when out is base
         for k, d in enumerate(diffs):
-            acc.add_(d[i].to(dt), alpha=float(c[k, col]))
-        o.copy_(acc)
+            acc.add_(d[i], alpha=float(c[k, col]))  # mixed dtypes: computed in acc's dtype
+        if acc is not o:
+            o.copy_(acc)
+
+
+_DOT_CHUNK = 1 << 18  # fp64 temporaries of 2 MB, not of the tensor's size
+
+
+def _dot64(a: Tensor, b: Tensor) -> Tensor:
+    a, b = a.reshape(-1), b.reshape(-1)
+    acc = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, a.numel(), _DOT_CHUNK):
+        acc += torch.dot(a[s : s + _DOT_CHUNK].double(), b[s : s + _DOT_CHUNK].double())
+    return acc
 
 
 @register("soup_coef_grads", "reference")
@@ -44,9 +59,8 @@ def soup_coef_grads(grads: list[Tensor], diffs: list[list[Tensor]], *, layerwise
     for i, g in enumerate(grads):
         if g.numel() == 0:
             continue
-        g64 = g.reshape(-1).double()
         for k in range(K):
-            acc[k, i] = torch.dot(g64, diffs[k][i].reshape(-1).double())
+            acc[k, i] = _dot64(g, diffs[k][i])
     if not layerwise:
         acc = acc.sum(1, keepdim=True)
     return acc if fp64 else acc.to(torch.float32)
