@@ -70,18 +70,20 @@ def _soup_partials_kernel(
 
 
 @triton.jit
-def _soup_segments_kernel(part, first, count, out, n_tensors, max_count, K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[k, i] = sum of tensor i's block partials (fp64, blocks in increasing order)."""
+def _soup_segments_kernel(
+    part, seg_first, seg_count, seg_out, n_tensors, max_count, K: tl.constexpr, BLOCK: tl.constexpr
+):
+    """seg_out[k, i] = sum of tensor i's block partials (fp64, blocks in increasing order)."""
     i = tl.program_id(0)
     k = tl.program_id(1)
-    f = tl.load(first + i)
-    n = tl.load(count + i)
+    f = tl.load(seg_first + i)
+    n = tl.load(seg_count + i)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     # bounded by the host's largest count (not the loaded one): the interpreter needs a host bound
     for b0 in range(0, max_count, BLOCK):
         b = b0 + tl.arange(0, BLOCK).to(tl.int64)
         acc += tl.load(part + (f + b) * K + k, mask=b < n, other=0.0)
-    tl.store(out + k * n_tensors + i, tl.sum(acc, axis=0))
+    tl.store(seg_out + k * n_tensors + i, tl.sum(acc, axis=0))
 
 
 @functools.lru_cache(maxsize=64)
