@@ -136,6 +136,10 @@ PYBIND11_MODULE(_C, m) {
         "out"_a, "stream"_a);
   m.def("merge_stats", &fastclu::merge_stats, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "partial"_a, "out"_a,
         "stream"_a);
+  m.def("soup_combine", &fastclu::soup_combine, "table"_a, "n_rows"_a, "n_chunks"_a, "K"_a, "coefs"_a, "n_cols"_a,
+        "stream"_a);
+  m.def("soup_coef_grads", &fastclu::soup_coef_grads, "table"_a, "n_rows"_a, "n_chunks"_a, "K"_a, "n_tensors"_a,
+        "partial"_a, "out"_a, "stream"_a);
   m.def("topk_mask", &fastclu::topk_mask, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "k"_a, "state"_a, "eqcount"_a,
         "stream"_a);
   m.def("philox_words", &fastclu::philox_words_host, "seed"_a, "tensor_index"_a, "j"_a,
