@@ -8,7 +8,10 @@ namespace fastclu {
 
 namespace {
 
-constexpr int kSoupMaxK = 12;  // operands: out, base and 12 differences fit a table (<= 15)
+constexpr int kSoupMaxK = SoupCombineRows::kOps - SoupCombineRows::kDiff0;  // out, base, 12 differences <= 15
+static_assert(SoupGradRows::kOps - SoupGradRows::kDiff0 == kSoupMaxK, "both soup tables hold the same K");
+// row header columns read by the fold (fastclu/ops/_table.py COL_START, COL_NUMEL, COL_INDEX)
+constexpr int kColChunkStart = 0, kColNumel = 1, kColIndex = 3;
 
 struct SoupCombineOp {
   struct Ctx {
@@ -25,13 +28,13 @@ struct SoupCombineOp {
   }
   __device__ void operator()(const Chunk& ch, const Ctx& ctx, int64_t j, int cnt, bool vec) const {
     float acc[8], d[8];
-    load8(ch.ptr(1), ch.dtype(1), j, cnt, vec, acc);
+    load8(ch.ptr(SoupCombineRows::kBase), ch.dtype(SoupCombineRows::kBase), j, cnt, vec, acc);
     for (int k = 0; k < K; ++k) {
-      load8(ch.ptr(2 + k), ch.dtype(2 + k), j, cnt, vec, d);
+      load8(ch.ptr(SoupCombineRows::kDiff0 + k), ch.dtype(SoupCombineRows::kDiff0 + k), j, cnt, vec, d);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(ctx.c[k], d[e]));
     }
-    store8(ch.ptr(0), ch.dtype(0), j, cnt, vec, acc);
+    store8(ch.ptr(SoupCombineRows::kOut), ch.dtype(SoupCombineRows::kOut), j, cnt, vec, acc);
   }
 };
 
@@ -49,9 +52,9 @@ __global__ void __launch_bounds__(kThreads) soup_partials_kernel(Table t, int K,
       const int64_t left = ch.numel - j;
       const int cnt = left < 8 ? static_cast<int>(left) : 8;
       float g[8], d[8];
-      load8(ch.ptr(0), ch.dtype(0), j, cnt, vec, g);
+      load8(ch.ptr(SoupGradRows::kGrads), ch.dtype(SoupGradRows::kGrads), j, cnt, vec, g);
       for (int k = 0; k < K; ++k) {
-        load8(ch.ptr(1 + k), ch.dtype(1 + k), j, cnt, vec, d);
+        load8(ch.ptr(SoupGradRows::kDiff0 + k), ch.dtype(SoupGradRows::kDiff0 + k), j, cnt, vec, d);
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[k] += static_cast<double>(__fmul_rn(g[e], d[e]));  // padding adds 0
       }
@@ -68,13 +71,13 @@ __global__ void __launch_bounds__(kThreads) soup_fold_kernel(Table t, int K, int
                                                              double* out) {
   __shared__ double sh[kThreads];
   const int64_t* row = t.rows + static_cast<int64_t>(blockIdx.x) * (kRowHeader + t.n_ops);
-  const int64_t first = row[0];
-  const int64_t n = (row[1] + kChunk - 1) / kChunk;
+  const int64_t first = row[kColChunkStart];  // the table's chunk index of the row's first chunk
+  const int64_t n = (row[kColNumel] + kChunk - 1) / kChunk;
   for (int k = 0; k < K; ++k) {
     double acc = 0.0;
     for (int64_t c = threadIdx.x; c < n; c += kThreads) acc += partial[(first + c) * K + k];
     acc = block_sum(acc, sh);
-    if (threadIdx.x == 0) out[static_cast<int64_t>(k) * n_tensors + row[3]] = acc;
+    if (threadIdx.x == 0) out[static_cast<int64_t>(k) * n_tensors + row[kColIndex]] = acc;
   }
 }
 
@@ -85,19 +88,20 @@ void check_k(const char* op, int K, int n_ops, int fixed) {
 
 }  // namespace
 
-void soup_combine(uint64_t table, int n_rows, int64_t n_chunks, int K, uint64_t coefs, int n_cols, uint64_t stream) {
+void soup_combine(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int K, uint64_t coefs, int n_cols,
+                  uint64_t stream) {
   const char* op = "soup_combine_";
-  check_k(op, K, 2 + K, 2);
+  check_k(op, K, SoupCombineRows::kDiff0 + K, SoupCombineRows::kDiff0);
   if (n_chunks > 0 && coefs == 0) fail(op, "null coefficients");
   const SoupCombineOp f{reinterpret_cast<const float*>(static_cast<uintptr_t>(coefs)), K, n_cols};
-  launch_mt(op, make_table(op, table, n_rows, 2 + K, n_chunks), f, stream);
+  launch_mt(op, make_table(op, table, dyn, n_rows, SoupCombineRows::kDiff0 + K, n_chunks), f, stream);
 }
 
-void soup_coef_grads(uint64_t table, int n_rows, int64_t n_chunks, int K, int n_tensors, uint64_t partial,
-                     uint64_t out, uint64_t stream) {
+void soup_coef_grads(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int K, int n_tensors,
+                     uint64_t partial, uint64_t out, uint64_t stream) {
   const char* op = "soup_coef_grads";
-  check_k(op, K, 1 + K, 1);
-  const Table t = make_table(op, table, n_rows, 1 + K, n_chunks);
+  check_k(op, K, SoupGradRows::kDiff0 + K, SoupGradRows::kDiff0);
+  const Table t = make_table(op, table, dyn, n_rows, SoupGradRows::kDiff0 + K, n_chunks);
   if (t.n_chunks <= 0) return;
   double* part = reinterpret_cast<double*>(static_cast<uintptr_t>(partial));
   if (part == nullptr || out == 0) fail(op, "null output buffer");

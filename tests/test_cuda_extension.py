@@ -352,9 +352,9 @@ def test_soup_wrappers_operands_and_empty_tensors(recorder: _Recorder) -> None:
     (c_name, c_args, c_ops), (g_name, g_args, g_ops) = recorder.calls
     assert (c_name, g_name) == ("soup_combine", "soup_coef_grads")
     assert all(_same(a, b) for a, b in zip(c_ops, [p, base, d0, d1])) and len(c_ops) == 4
-    assert c_args[3:] == (2, coefs.data_ptr(), 3, 1234)  # K, coefficients [K, n_cols], stream
+    assert c_args[_T:] == (2, coefs.data_ptr(), 3, 1234)  # K, coefficients [K, n_cols], stream
     assert all(_same(a, b) for a, b in zip(g_ops, [p, d0, d1, d2])) and len(g_ops) == 4
-    assert g_args[3:5] == (3, 3)  # K, number of tensors (the empty one included)
+    assert g_args[_T : _T + 2] == (3, 3)  # K, number of tensors (the empty one included)
     # nothing ran: the entries of the non-empty tensors stay poisoned, the empty tensor's are zeroed by the host
     assert got.shape == (3, 3) and torch.equal(got[:, 1], torch.zeros(3)) and got[:, [0, 2]].isnan().all()
 

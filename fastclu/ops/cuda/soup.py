@@ -9,6 +9,7 @@ from fastclu import _C
 from fastclu._registry import register
 from fastclu.ops.cuda import _launch
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, stream_of
+from fastclu.ops.tables import TABLES
 
 
 @register("soup_combine_", "cuda")
@@ -24,8 +25,8 @@ def soup_combine_(out: list[Tensor], base: list[Tensor], diffs: list[list[Tensor
     require_cuda(op, "coefs", [coefs])
     dev = out[0].device
     with on_device(dev):
-        t = build_table(op, [out, base, *diffs], dev)
-        _C.soup_combine(t.ptr, t.n_rows, t.n_chunks, len(diffs), coefs.data_ptr(), coefs.shape[1], stream_of(dev))
+        t = build_table(op, [out, base, *diffs], dev, dynamic=TABLES["soup_combine"].dynamic)
+        _C.soup_combine(*t.args, len(diffs), coefs.data_ptr(), coefs.shape[1], stream_of(dev))
 
 
 @register("soup_coef_grads", "cuda")
@@ -40,12 +41,12 @@ def soup_coef_grads(grads: list[Tensor], diffs: list[list[Tensor]], *, layerwise
         require_cuda(op, f"diffs[{k}]", d)
     dev = grads[0].device
     with on_device(dev):
-        t = build_table(op, [grads, *diffs], dev)
+        t = build_table(op, [grads, *diffs], dev, dynamic=TABLES["soup_coef_grads"].dynamic)
         partial = _launch.alloc(max(t.n_chunks, 1) * K, torch.float64, dev)
         per = _launch.alloc((K, L), torch.float64, dev)
         if t.n_rows < L:  # empty tensors have no table row, so the kernel writes no entry for them
             empty = [i for i, g in enumerate(grads) if g.numel() == 0]
             per.index_fill_(1, torch.tensor(empty, device=dev), 0.0)
-        _C.soup_coef_grads(t.ptr, t.n_rows, t.n_chunks, K, L, partial.data_ptr(), per.data_ptr(), stream_of(dev))
+        _C.soup_coef_grads(*t.args, K, L, partial.data_ptr(), per.data_ptr(), stream_of(dev))
     # the layer sum is torch's fixed-order fp64 reduction of [K, L]: deterministic as well
     return (per if layerwise else per.sum(1, keepdim=True)).to(torch.float32)
