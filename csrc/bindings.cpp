@@ -115,6 +115,10 @@ PYBIND11_MODULE(_C, m) {
     add("row_norms", {{"param", RowNormRows::kParam}, {"norms", RowNormRows::kNorms}}, RowNormRows::kOps);
     add("gram", {{"grad0", GramRows::kGrad0}, {"mask", GramRows::kMask}}, GramRows::kOps);
     add("restore", {{"param", RestoreRows::kParam}, {"backup", RestoreRows::kBackup}}, RestoreRows::kOps);
+    add("soup_combine",
+        {{"out", SoupCombineRows::kOut}, {"base", SoupCombineRows::kBase}, {"diff0", SoupCombineRows::kDiff0}},
+        SoupCombineRows::kOps);
+    add("soup_coef_grads", {{"grads", SoupGradRows::kGrads}, {"diff0", SoupGradRows::kDiff0}}, SoupGradRows::kOps);
     m.attr("TABLE_ROWS") = tables;
     m.attr("TABLE_OPERANDS") = counts;
   }
@@ -136,6 +140,10 @@ PYBIND11_MODULE(_C, m) {
         "out"_a, "stream"_a);
   m.def("merge_stats", &fastclu::merge_stats, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "partial"_a, "out"_a,
         "stream"_a);
+  m.def("soup_combine", &fastclu::soup_combine, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "K"_a, "coefs"_a,
+        "n_cols"_a, "stream"_a);
+  m.def("soup_coef_grads", &fastclu::soup_coef_grads, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "K"_a,
+        "n_tensors"_a, "partial"_a, "out"_a, "stream"_a);
   m.def("topk_mask", &fastclu::topk_mask, "table"_a, "dyn"_a, "n_rows"_a, "n_chunks"_a, "k"_a, "state"_a, "eqcount"_a,
         "stream"_a);
   m.def("philox_words", &fastclu::philox_words_host, "seed"_a, "tensor_index"_a, "j"_a,

@@ -45,6 +45,13 @@ void gram(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int n_role
           uint64_t out, uint64_t stream);
 // operands: 0 params, 1 anchor, 2 fisher_sum, 3 fisher_theta_sum. partial fp64 [n_chunks * 2]; out fp32 [2].
 void merge_stats(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, uint64_t partial, uint64_t out, uint64_t stream);
+// operands: 0 out, 1 base, 2..K+1 differences (K <= 12); coefs fp32 [K, n_cols] (n_cols 1: one per ingredient).
+void soup_combine(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int K, uint64_t coefs, int n_cols,
+                  uint64_t stream);
+// operands: 0 grads, 1..K differences. partial fp64 [n_chunks * K]; out fp64 [K, n_tensors] (tensor index order;
+// entries of empty tensors are not written).
+void soup_coef_grads(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int K, int n_tensors,
+                     uint64_t partial, uint64_t out, uint64_t stream);
 // topk: state is an int64 [4 + 256] device buffer; eqcount int64 [n_chunks]. operands 0 scores, 1 mask (out).
 void topk_mask(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, int64_t k, uint64_t state, uint64_t eqcount,
                uint64_t stream);
@@ -64,6 +71,9 @@ struct PerturbRows { enum : int { kParam = 0, kBackup = 1, kSource = 2, kOps = 3
 struct RowNormRows { enum : int { kParam = 0, kNorms = 1, kOps = 2 }; };
 struct GramRows { enum : int { kGrad0 = 0, kMask = 4, kOps = 5 }; };  // role r at kGrad0 + r
 struct RestoreRows { enum : int { kParam = 0, kBackup = 1, kOps = 2 }; };
+// soup tables hold K <= 12 differences (ingredient k at kDiff0 + k); kOps: the largest K's count
+struct SoupCombineRows { enum : int { kOut = 0, kBase = 1, kDiff0 = 2, kOps = 14 }; };
+struct SoupGradRows { enum : int { kGrads = 0, kDiff0 = 1, kOps = 13 }; };
 
 // Hyperparameter slots and switches of an update rule (fastclu/ops/rules.py N_SLOTS, N_FLAGS).
 constexpr int kRuleSlots = 6;

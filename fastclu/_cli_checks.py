@@ -14,7 +14,16 @@ import sys
 
 import torch
 
-__all__ = ["check_bench_args", "check_demo_args", "check_device", "check_writable_dir", "exit_if_bad"]
+__all__ = [
+    "check_all_args",
+    "check_backend",
+    "check_bench_args",
+    "check_demo_args",
+    "check_device",
+    "check_seeds_args",
+    "check_writable_dir",
+    "exit_if_bad",
+]
 
 
 def exit_if_bad(prog: str, why: str | None) -> None:
@@ -70,6 +79,50 @@ def check_demo_args(args: argparse.Namespace) -> str | None:
     if clip is not None and not (math.isfinite(clip) and clip > 0):
         return f"--sfron-clip must be a finite number > 0, got {clip}"
     return check_device("--device", args.device)
+
+
+def check_backend(flag: str, backend: str | None) -> str | None:
+    """``backend`` (already one of the names, by argparse) can run here."""
+    if backend is None:
+        return None
+    from fastclu import backends
+
+    why = backends().get(backend)
+    return None if why is None else f"{flag}: backend {backend!r} is unavailable: {why}"
+
+
+def check_seeds_args(args: argparse.Namespace) -> str | None:
+    """``fastclu demo --scenario seeds``: ``--out`` writable (first), ``--seed >= 0``, ``--threads >= 1``,
+    ``--soup-memory`` K in [0, 1000], ``--backend`` usable."""
+    why = check_writable_dir("--out", None if args.out is None else str(args.out))
+    if why:
+        return why
+    if args.seed < 0:
+        return f"--seed must be >= 0, got {args.seed}"
+    if args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    if not 0 <= args.soup_memory <= 1000:
+        return f"--soup-memory must be a number of ingredients in [0, 1000] (0: off), got {args.soup_memory}"
+    return check_backend("--backend", args.backend)
+
+
+def check_all_args(args: argparse.Namespace) -> str | None:
+    """``fastclu demo --scenario all``: ``--out`` writable (first), ``--seed >= 0``, ``--backend`` usable,
+    and transformers installed (the llm scenario is part of it)."""
+    why = check_writable_dir("--out", args.out)
+    if why:
+        return why
+    if args.seed < 0:
+        return f"--seed must be >= 0, got {args.seed}"
+    why = check_backend("--backend", args.backend)
+    if why:
+        return why
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return ("--scenario all: includes the llm scenario, which needs transformers (pip install 'fastclu[hf]'); "
+                "run --scenario digits and --scenario seeds on their own without it")  # fmt: skip
+    return None
 
 
 def check_bench_args(args: argparse.Namespace) -> str | None:

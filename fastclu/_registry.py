@@ -35,6 +35,8 @@ OPS: dict[str, str] = {
     "perturb_": "perturb",
     "ratio_mask": "masks",
     "restore_": "perturb",
+    "soup_coef_grads": "soup",
+    "soup_combine_": "soup",
     "topk_mask": "masks",
 }
 FAMILIES: tuple[str, ...] = tuple(sorted(set(OPS.values())))

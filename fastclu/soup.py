@@ -20,11 +20,12 @@ counts the bytes of the ingredient-sized tensors it holds (``info["peak_held_byt
 to compare with ``K`` times the model (loading all ingredients at once, as the official
 code's learned-soup baseline does).
 
-The weighted combination and the coefficient gradients are multi-tensor passes
-(``torch._foreach_*``; the per-tensor inner products use one ``_foreach_mul`` and a sum per
-tensor). A fused op for both is pending the op-layer redesign. Departure from the official
-code: it flattens every gradient with ``torch.cat`` and reallocates the parameters each step;
-here the model's parameters are written in place.
+The weighted combination and the coefficient gradients are the fused multi-tensor ops
+:func:`fastclu.ops.soup_combine_` (every parameter tensor in one launch per dtype group) and
+:func:`fastclu.ops.soup_coef_grads` (all ``K x L`` inner products in one pass, deterministic);
+``backend=`` selects their backend as everywhere in fastclu (CPU tensors: the reference).
+Departure from the official code: it flattens every gradient with ``torch.cat`` and reallocates
+the parameters each step; here the model's parameters are written in place.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastclu import ops
 
 __all__ = ["SoupResult", "load_ingredient", "mehl_soup", "uniform_soup"]
 
@@ -101,26 +104,16 @@ def uniform_soup(model: nn.Module, ingredients: Sequence[Ingredient]) -> None:
             p.copy_(a)
 
 
-def _compose_(params: list[Tensor], c: list[Tensor], diffs: list[list[Tensor]], x: Tensor) -> None:
+def _compose_(
+    params: list[Tensor], c: list[Tensor], diffs: list[list[Tensor]], x: Tensor, backend: str | None = None
+) -> None:
     """``params <- c + sum_k x[k, l] * diffs[k][l]`` (x ``[k, L]``, or ``[k, 1]`` for one per ingredient)."""
-    torch._foreach_copy_(params, c)
-    xs = x.detach().tolist()
-    for k, d in enumerate(diffs):
-        if len(xs[k]) == 1:
-            torch._foreach_add_(params, d, alpha=xs[k][0])
-        else:
-            torch._foreach_add_(params, torch._foreach_mul(d, xs[k]))
+    ops.soup_combine_(params, c, diffs, x.detach(), backend=backend)
 
 
-def _coef_grads(grads: list[Tensor], diffs: list[list[Tensor]], layerwise: bool) -> Tensor:
-    """``[k, L]`` (or ``[k, 1]``) inner products ``<grad_l, diff_{k,l}>``, summed in fp32 (fp64 for fp64)."""
-    rows = []
-    for d in diffs:
-        per = torch.stack(
-            [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in torch._foreach_mul(grads, d)]
-        )
-        rows.append(per if layerwise else per.sum().reshape(1))
-    return torch.stack(rows)
+def _coef_grads(grads: list[Tensor], diffs: list[list[Tensor]], layerwise: bool, backend: str | None = None) -> Tensor:
+    """``[k, L]`` (or ``[k, 1]``) inner products ``<grad_l, diff_{k,l}>``: fp32 (fp64 for fp64 inputs)."""
+    return ops.soup_coef_grads(grads, diffs, layerwise=layerwise, backend=backend)
 
 
 def mehl_soup(
@@ -135,6 +128,7 @@ def mehl_soup(
     steps_per_block: int = 10,
     lr: float = 0.05,
     seed: int = 0,
+    backend: str | None = None,
 ) -> SoupResult:
     """Learn a MEHL-Soup (``layerwise=True``: MEHL-Soup+) of ``ingredients`` into ``model``, in place.
 
@@ -144,11 +138,13 @@ def mehl_soup(
         ingredients: ``K`` state dicts (CPU tensors) or paths of ``torch.save``'d state dicts.
         loader: held-out ``(x, y)`` batches for the coefficients.
         loss_fn: ``loss_fn(model(x), y)`` -> scalar.
-        block_size: ingredients per block (loaded together).
+        block_size: ingredients per block (loaded together), at most
+            :data:`fastclu.ops.SOUP_MAX_INGREDIENTS` (12).
         epochs: passes over the shuffled ingredients.
         steps_per_block: Adam steps on the block's coefficients.
         lr: Adam learning rate on ``x``.
         seed: the shuffles of the ingredients.
+        backend: backend of the combination and coefficient-gradient ops (None: automatic).
 
     Returns:
         SoupResult: ``coefficients[k][l]``, the weight of ingredient ``k`` in the final soup
@@ -160,6 +156,10 @@ def mehl_soup(
     for name, v, lo in (("block_size", block_size, 1), ("epochs", epochs, 0), ("steps_per_block", steps_per_block, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if block_size > ops.SOUP_MAX_INGREDIENTS:
+        raise ValueError(
+            f"block_size must be <= {ops.SOUP_MAX_INGREDIENTS} (ingredients per fused call), got {block_size}"
+        )
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     K = len(ingredients)
@@ -192,18 +192,17 @@ def mehl_soup(
             for _ in range(steps_per_block):
                 xb, yb = next(it)
                 with torch.no_grad():
-                    _compose_(params, c, diffs, x)
+                    _compose_(params, c, diffs, x, backend)
                 model.zero_grad(set_to_none=True)
                 loss = loss_fn(model(xb.to(dev)), yb.to(dev))
                 loss.backward()
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                x.grad = _coef_grads([g.to(torch.float32) for g in grads], diffs, layerwise).to("cpu", x.dtype)
+                x.grad = _coef_grads(grads, diffs, layerwise, backend).to("cpu", x.dtype)
                 opt.step()
                 steps += 1
                 losses.append(float(loss.detach()))
             with torch.no_grad():
-                _compose_(params, c, diffs, x)
-                torch._foreach_copy_(c, [p.to(torch.float32) for p in params])
+                _compose_(c, c, diffs, x, backend)  # c moves to the new soup in place (fp32)
             xd = x.detach().double()
             # c_new = c + sum_j x_j (theta_j - c): the weights follow the same affine map.
             w = w * (1.0 - xd.sum(0, keepdim=True))

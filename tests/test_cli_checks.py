@@ -6,8 +6,10 @@ import os
 
 import pytest
 
+import fastclu
+import fastclu.demo
 from fastclu import bench
-from fastclu.demo import digits
+from fastclu.demo import digits, seeds
 
 
 def _refused(main, argv: list[str], flag: str, capsys: pytest.CaptureFixture, monkeypatch) -> None:
@@ -15,6 +17,10 @@ def _refused(main, argv: list[str], flag: str, capsys: pytest.CaptureFixture, mo
         raise AssertionError("work started despite a bad argument")
 
     monkeypatch.setattr(digits, "run_demo", no_work)
+    monkeypatch.setattr(seeds, "run_seeds_demo", no_work)
+    monkeypatch.setattr(seeds, "measure_soup_memory", no_work)
+    monkeypatch.setattr(fastclu.demo, "digits_main", no_work)
+    monkeypatch.setattr(fastclu.demo, "_llm_main", no_work)
     monkeypatch.setattr(bench, "Config", no_work)
     # demo returns 2 (as it did for a bad --device); bench exits 2 like argparse
     try:
@@ -65,3 +71,51 @@ def test_bench_bad_arguments(argv, flag, capsys, monkeypatch, tmp_path) -> None:
     (tmp_path / "file").write_text("x")
     argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
     _refused(bench.main, argv, flag, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--threads", "0"], "--threads"),
+        (["--soup-memory", "-1"], "--soup-memory"),
+        (["--soup-memory", "1001"], "--soup-memory"),
+        (["--out", "{file}/sub"], "--out"),
+        (["--out", "{file}/sub", "--seed", "-1"], "--out"),
+        (["--backend", "nosuch"], "--backend"),
+    ],
+)
+def test_demo_seeds_bad_arguments(argv, flag, capsys, monkeypatch, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    _refused(fastclu.demo.main, ["--scenario", "seeds", *argv], flag, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("scenario", ["seeds", "all"])
+def test_demo_unusable_backend_refused(scenario, capsys, monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(fastclu, "backends", lambda: {"reference": None, "triton": "no CUDA device", "cuda": "x"})
+    argv = ["--scenario", scenario, "--backend", "triton", "--out", str(tmp_path / "o")]
+    _refused(fastclu.demo.main, argv, "--backend", capsys, monkeypatch)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [(["--seed", "-1"], "--seed"), (["--out", "{file}/sub"], "--out"), (["--backend", "nosuch"], "--backend")],
+)
+def test_demo_all_bad_arguments(argv, flag, capsys, monkeypatch, tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    _refused(fastclu.demo.main, ["--scenario", "all", *argv], flag, capsys, monkeypatch)
+
+
+def test_demo_all_needs_transformers(capsys, monkeypatch, tmp_path) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+    )
+    _refused(
+        fastclu.demo.main, ["--scenario", "all", "--out", str(tmp_path / "o")], "transformers", capsys, monkeypatch
+    )

@@ -34,6 +34,7 @@ OPS = sorted(_registry.OPS)  # every declared op (fastclu.ops also exports helpe
 ENTRY_POINTS = [
     "fisher_accumulate", "ratio_mask", "lerp_sync", "fd_hvp", "merge", "perturb_dir", "row_norms", "perturb_noise",
     "gram", "merge_stats", "topk_mask", "restore_mt", "combine_step", "philox_words", "philox_normal",
+    "soup_combine", "soup_coef_grads",
 ]  # fmt: skip
 
 
@@ -168,6 +169,8 @@ def _cpu_calls() -> dict[str, tuple]:
         "fd_hvp_": ((p, g, g, 0.1), {"accumulate": False}),
         "merge_stats": ((p, g, g, g), {}),
         "merge_": ((p, g, 0.5), {}),
+        "soup_combine_": ((p, g, [g, g], torch.ones(2, 2)), {}),
+        "soup_coef_grads": ((p, [g, g]), {"layerwise": True}),
     }
 
 
@@ -215,13 +218,15 @@ _LAYOUT = {
     "merge_stats": ["params", "anchor", "fisher_sum", "fisher_theta_sum"],
     "topk_mask": ["scores", "out"],
     "restore_mt": ["params", "backup"],
+    "soup_combine": ["out", "base", "diff0", "diff1"],
+    "soup_coef_grads": ["grads", "diff0", "diff1", "diff2"],
     "combine_step": ["params", "restore_from", "g0", "g1", "g2", "g3", "mask", "state0", "state1", "state_max",
                      "importance", "anchor", "step"],
 }  # fmt: skip
 # Entry points that touch no device when their table is empty: the real binding can be called
 # with (0, 0, 0) to check that every recorded argument converts (pybind11 types, config keys).
 _NOOP_WHEN_EMPTY = {"fisher_accumulate", "ratio_mask", "lerp_sync", "fd_hvp", "merge", "perturb_dir", "row_norms",
-                    "perturb_noise", "topk_mask", "combine_step", "restore_mt"}  # fmt: skip
+                    "perturb_noise", "topk_mask", "combine_step", "restore_mt", "soup_combine", "soup_coef_grads"}  # fmt: skip
 
 
 class _Recorder:
@@ -336,6 +341,22 @@ def test_wrappers_pass_operands_in_kernel_order(recorder: _Recorder) -> None:
     for _, operands, (rows, n_rows, _n_chunks) in recorder.tables:
         assert n_rows == sum(1 for x in operands[0] if x.numel())
         assert len(rows) == n_rows * (HEADER + len(operands))
+
+
+def test_soup_wrappers_operands_and_empty_tensors(recorder: _Recorder) -> None:
+    p = [torch.randn(5), torch.randn(0), torch.randn(3, 4)]
+    base, d0, d1, d2 = ([torch.randn_like(x) for x in p] for _ in range(4))
+    coefs = torch.rand(2, 3)
+    _impl("soup_combine_")(p, base, [d0, d1], coefs)
+    got = _impl("soup_coef_grads")(p, [d0, d1, d2], layerwise=True)
+    (c_name, c_args, c_ops), (g_name, g_args, g_ops) = recorder.calls
+    assert (c_name, g_name) == ("soup_combine", "soup_coef_grads")
+    assert all(_same(a, b) for a, b in zip(c_ops, [p, base, d0, d1])) and len(c_ops) == 4
+    assert c_args[_T:] == (2, coefs.data_ptr(), 3, 1234)  # K, coefficients [K, n_cols], stream
+    assert all(_same(a, b) for a, b in zip(g_ops, [p, d0, d1, d2])) and len(g_ops) == 4
+    assert g_args[_T : _T + 2] == (3, 3)  # K, number of tensors (the empty one included)
+    # nothing ran: the entries of the non-empty tensors stay poisoned, the empty tensor's are zeroed by the host
+    assert got.shape == (3, 3) and torch.equal(got[:, 1], torch.zeros(3)) and got[:, [0, 2]].isnan().all()
 
 
 def test_perturb_seed_wrapper_rows_and_norms(recorder: _Recorder) -> None:

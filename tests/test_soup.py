@@ -108,3 +108,11 @@ def test_bad_arguments() -> None:
         mehl_soup(model, [{"weight": torch.zeros(3, 8)}], ld)
     with pytest.raises(TypeError, match="ingredient"):
         mehl_soup(model, [3], ld)
+
+
+def test_block_size_above_the_fused_limit_is_refused() -> None:
+    model, ings, ld = _problem(0, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="block_size must be <= 12"):
+        mehl_soup(model, ings, ld, block_size=13)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))

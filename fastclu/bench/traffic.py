@@ -49,6 +49,10 @@ TRAFFIC: dict[str, dict[str, int]] = {
     "merge_stats": {"p": 2, "s": 2},
     # param rw, anchor read
     "merge_": {"p": 3},
+    # K = 3: out write, base read, 3 differences read
+    "soup_combine_": {"p": 5},
+    # K = 3: grads read, 3 differences read (the [K, L] result is negligible)
+    "soup_coef_grads": {"p": 4},
 }
 
 

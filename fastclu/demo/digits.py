@@ -430,8 +430,9 @@ def _plot_continual(axes: object, seq: dict) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastclu demo", description=__doc__.split("\n")[0])
-    p.add_argument("--scenario", choices=["digits", "llm"], default="digits",
-                   help="digits (default) or llm (tiny GPT-2; see fastclu demo --scenario llm --help)")  # fmt: skip
+    p.add_argument("--scenario", choices=["digits", "seeds", "llm", "all"], default="digits",
+                   help="digits (default, these options); seeds (Flat-LoRA, MEHL-Soup, CLASSP / EWC, P&M-LoRA), "
+                        "llm (tiny GPT-2) or all three: see fastclu demo --scenario NAME --help")  # fmt: skip
     p.add_argument("--out", default="fastclu-demo", help="output directory (default ./fastclu-demo)")
     p.add_argument("--seed", type=int, default=0, help="data split, initialisation and sampling seed")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")

@@ -1,7 +1,8 @@
 """Demo rows for Flat-LoRA, MEHL-Soup(+), CLASSP, EWC and P&M-LoRA on the digits.
 
-``python -m fastclu.demo.seeds --seed N --out DIR [--quick]`` prints the tables and writes
-``DIR/seeds_seed{N}.json``. Every number is as it comes out of one run (CPU, deterministic
+``fastclu demo --scenario seeds [--seed N] [--out DIR] [--quick]`` (also
+``python -m fastclu.demo.seeds``, which writes no file without ``--out``) prints the tables and
+writes ``DIR/seeds_seed{N}.json``. Every number is as it comes out of one run (CPU, deterministic
 per seed); nothing is tuned per seed.
 
 Scenarios:
@@ -38,6 +39,8 @@ from torch import nn
 
 from fastclu import data as D
 from fastclu import metrics as M
+from fastclu._cli_checks import check_seeds_args
+from fastclu._registry import use_backend
 from fastclu.demo.tables import table as text_table
 from fastclu.lora import add_lora
 from fastclu.losses import masked_classification_loss
@@ -378,18 +381,35 @@ def _no_nan(o: object) -> object:
     return o
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastclu.demo.seeds", description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="directory for seeds_seed{N}.json")
+def _parser(prog: str, default_out: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="data split, initialisation and sampling seed")
+    p.add_argument("--out", type=Path, default=default_out,
+                   help="directory for seeds_seed{N}.json" + (f" (default ./{default_out})" if default_out else ""))  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny step counts (seconds; for tests)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these tiny models run fastest on one)")  # fmt: skip
+    p.add_argument("--backend", default=None, choices=["reference", "triton", "cuda"],
+                   help="fastclu op backend for every op of the run (default: automatic)")  # fmt: skip
     p.add_argument("--soup-memory", type=int, default=0, metavar="K",
                    help="only measure MEHL-Soup's peak RSS with K ingredients, streamed vs all loaded")  # fmt: skip
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m fastclu.demo.seeds",
+         default_out: str | None = None) -> int:  # fmt: skip
+    """Entry point of the seeds rows (``fastclu demo --scenario seeds`` passes its ``prog`` and ``--out``)."""
+    a = _parser(prog, default_out).parse_args(argv)
+    why = check_seeds_args(a)  # every argument checked before any work (--out first)
+    if why:
+        print(f"{prog}: {why}", file=sys.stderr)
+        return 2
     if a.soup_memory:
         print(json.dumps(measure_soup_memory(a.soup_memory), indent=1))
         return 0
-    res = run_seeds_demo(seed=a.seed, quick=a.quick)
+    with use_backend(a.backend):
+        res = run_seeds_demo(seed=a.seed, quick=a.quick, threads=a.threads)
+    res["backend"] = a.backend or "automatic"
     print(format_tables(res))
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)

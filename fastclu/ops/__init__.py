@@ -41,6 +41,8 @@ __all__ = [
     "perturb_",
     "ratio_mask",
     "restore_",
+    "soup_coef_grads",
+    "soup_combine_",
     "topk_mask",
     "unpack_bits",
     "use_backend",
@@ -556,3 +558,99 @@ _spec(OpSpec("merge_", (
 def merge_(params: list[Tensor], anchor: list[Tensor], alpha: Scalar, *, backend: str | None = None) -> None:
     """P&M merge, in place: ``theta = anchor + alpha * (theta - anchor)``."""
     _call("merge_", backend, {"params": params, "anchor": anchor, "alpha": alpha})
+
+
+SOUP_MAX_INGREDIENTS = 12  # CUDA tables carry at most 15 operand lists (out, base and the differences)
+
+
+def _soup_diffs(v: dict, ref_name: str) -> list[list[Tensor]]:
+    diffs = v["diffs"]
+    if not isinstance(diffs, (list, tuple)) or not all(isinstance(d, (list, tuple)) for d in diffs):
+        raise TypeError("diffs must be a list of K tensor lists (one per ingredient)")
+    if not 1 <= len(diffs) <= SOUP_MAX_INGREDIENTS:
+        raise ValueError(f"diffs must hold 1..{SOUP_MAX_INGREDIENTS} ingredients, got {len(diffs)}")
+    ref = v[ref_name]
+    out = [C.aligned(f"diffs[{k}]", d, ref_name, ref) for k, d in enumerate(diffs)]
+    for k, d in enumerate(out):
+        for i, (t, r) in enumerate(zip(d, ref)):
+            if t.device != r.device:
+                raise ValueError(f"diffs[{k}][{i}] is on {t.device} but {ref_name}[{i}] is on {r.device}")
+            if t.dtype != out[0][i].dtype:
+                raise TypeError(f"diffs[{k}][{i}] has dtype {t.dtype} but diffs[0][{i}] has {out[0][i].dtype}")
+    return out
+
+
+def _check_soup_combine(v: dict) -> None:
+    v["diffs"] = _soup_diffs(v, "out")
+    out, base, coefs = v["out"], v["base"], v["coefs"]
+    for i, (o, b) in enumerate(zip(out, base)):
+        if b.device != o.device:
+            raise ValueError(f"base[{i}] is on {b.device} but out[{i}] is on {o.device}")
+    K, L = len(v["diffs"]), len(out)
+    if not isinstance(coefs, Tensor) or not coefs.is_floating_point():
+        raise TypeError(f"coefs must be a floating-point Tensor of shape [K, L] or [K, 1], got {type(coefs).__name__}")
+    if coefs.dim() != 2 or coefs.shape[0] != K or coefs.shape[1] not in (1, L):
+        raise ValueError(f"coefs must have shape [{K}, {L}] or [{K}, 1], got {list(coefs.shape)}")
+    dev = out[0].device if out else coefs.device
+    # fp32 coefficients keep a call on the kernels; fp64 only with fp64 tensors (the reference runs it)
+    dt = torch.float64 if _has_fp64([out, base, v["diffs"]]) else torch.float32
+    v["coefs"] = coefs.detach().to(device=dev, dtype=dt).contiguous()
+
+
+_spec(OpSpec("soup_combine_", (
+    Arg("out", "tensors", one_device=True, mutable=True),
+    Arg("base", "tensors", like="out"),
+    Arg("diffs", "roles"),
+    Arg("coefs", "tensor"),
+), check=_check_soup_combine))  # fmt: skip
+
+
+def soup_combine_(
+    out: list[Tensor],
+    base: list[Tensor],
+    diffs: Sequence[Sequence[Tensor]],
+    coefs: Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Weighted combination of K ingredients, in place: ``out[i] = base[i] + sum_k c[k, l] * diffs[k][i]``.
+
+    The MEHL-Soup point ``theta = c + sum_k x_k (theta_k - c)`` (``diffs[k] = theta_k - c``). Tensor
+    ``i`` is layer ``l = i`` when ``coefs`` is ``[K, L]`` (``L = len(out)``: MEHL-Soup+), and every
+    tensor uses column 0 when it is ``[K, 1]`` (one weight per ingredient).
+
+    out: L tensors (any float dtype; fully overwritten, may be ``base`` itself). base: L tensors.
+    diffs: K (1..12) lists aligned with ``out`` (ingredient ``k``'s tensors share one dtype per
+    position). coefs: float ``[K, L]`` or ``[K, 1]`` (moved to ``out``'s device as fp32).
+    Math in fp32 (fp64 when a tensor is fp64), summed over ``k`` in increasing order.
+    """
+    _call("soup_combine_", backend, {"out": out, "base": base, "diffs": diffs, "coefs": coefs})
+
+
+def _check_soup_coef_grads(v: dict) -> None:
+    v["diffs"] = _soup_diffs(v, "grads")
+
+
+_spec(OpSpec("soup_coef_grads", (
+    Arg("grads", "tensors", one_device=True),
+    Arg("diffs", "roles"),
+    Arg("layerwise", "bool", True, keyword=True),
+), out="coefs", check=_check_soup_coef_grads))  # fmt: skip
+
+
+def soup_coef_grads(
+    grads: list[Tensor],
+    diffs: Sequence[Sequence[Tensor]],
+    *,
+    layerwise: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """MEHL-Soup coefficient gradients in one pass: ``G[k, l] = <grads[l], diffs[k][l]>``.
+
+    The chain rule of ``theta_l = c_l + sum_k x[k, l] diffs[k][l]``: ``dL/dx[k, l] = <dL/dtheta_l,
+    diffs[k][l]>``. Returns ``[K, L]`` (``L = len(grads)``), or ``[K, 1]`` summed over the layers
+    when ``layerwise=False``; fp32 (fp64 for fp64 inputs), on the grads' device. Products in fp32,
+    accumulated in fp64 in a fixed order (per block, then the blocks of each tensor, then the
+    layers): the same inputs give the same bits on every run.
+    """
+    return _call("soup_coef_grads", backend, {"grads": grads, "diffs": diffs, "layerwise": layerwise})

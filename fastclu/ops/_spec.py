@@ -61,7 +61,7 @@ class OpSpec:
 
     name: str
     args: tuple[Arg, ...]
-    out: str = "none"  # "none" | "masks" (like the first list) | "gram" | "pair"
+    out: str = "none"  # "none" | "masks" (like the first list) | "gram" | "pair" | "coefs" ([K, L or 1])
     check: Callable[[dict], None] | None = None  # op-specific validation after the generic one
     state_keys: tuple[str, ...] = ()
     by_name: Mapping[str, Arg] = field(init=False, repr=False, compare=False)
@@ -171,7 +171,8 @@ class OpSpec:
             elif k in ("float", "int", "bool", "str"):
                 parts.append(f"{k} {n}")
         parts.append("str backend")
-        ret = {"none": "()", "masks": "Tensor[]", "gram": "Tensor", "pair": "(Tensor, Tensor)"}[self.out]
+        returns = {"none": "()", "masks": "Tensor[]", "gram": "Tensor", "pair": "(Tensor, Tensor)", "coefs": "Tensor"}
+        ret = returns[self.out]
         return f"({', '.join(parts)}) -> {ret}"
 
     def mutated(self) -> tuple[str, ...]:
@@ -256,6 +257,9 @@ class OpSpec:
             dev = first[0][0].device if first[0] else None
             return torch.empty((n, n), dtype=torch.float32, device=dev)
         dev = first[0].device if first else None
+        if self.out == "coefs":  # soup_coef_grads: [K, L] per layer, [K, 1] summed
+            cols = len(first) if values["layerwise"] else 1
+            return torch.empty((len(values["diffs"]), cols), dtype=torch.float32, device=dev)
         return torch.empty((), dtype=torch.float32, device=dev), torch.empty((), dtype=torch.float32, device=dev)
 
 

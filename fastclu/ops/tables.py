@@ -120,6 +120,20 @@ class RestoreRow(enum.IntEnum):
     BACKUP = 1
 
 
+SOUP_MAX_DIFFS = 12  # ingredient differences per soup table (fastclu.ops.SOUP_MAX_INGREDIENTS)
+
+
+class SoupCombineRow(enum.IntEnum):
+    OUT = 0
+    BASE = 1
+    DIFF0 = 2  # ingredient k at DIFF0 + k, k < 12
+
+
+class SoupGradRow(enum.IntEnum):
+    GRADS = 0
+    DIFF0 = 1  # ingredient k at DIFF0 + k, k < 12
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One table: its named rows, operand count and per-step operands (by row)."""
@@ -144,6 +158,9 @@ TABLES: dict[str, TableSpec] = {
     "row_norms": TableSpec(RowNormRow, 2, (RowNormRow.NORMS,)),
     "gram": TableSpec(GramRow, 5, (GramRow.GRAD0, GramRow.GRAD0 + 1, GramRow.GRAD0 + 2, GramRow.GRAD0 + 3)),
     "restore": TableSpec(RestoreRow, 2, (RestoreRow.BACKUP,)),
+    # the soup's model parameters, base and ingredient differences stay put for a whole block
+    "soup_combine": TableSpec(SoupCombineRow, SoupCombineRow.DIFF0 + SOUP_MAX_DIFFS, ()),
+    "soup_coef_grads": TableSpec(SoupGradRow, SoupGradRow.DIFF0 + SOUP_MAX_DIFFS, (SoupGradRow.GRADS,)),
     "combine_step": TableSpec(
         CombineRow, COMBINE_OPERANDS, (CombineRow.RESTORE, *range(CombineRow.GRAD0, CombineRow.MASK))
     ),

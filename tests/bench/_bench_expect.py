@@ -14,7 +14,7 @@ DESIGN_FP32 = {
     "combine_step_sgd": 4 * 1 + 16, "combine_step_sgd_masked": 4 * 2 + 16, "combine_step_adamw": 4 * 1 + 24,
     "combine_step_adamw_masked_clipped": 8 + 1 / 8 + 4 * 2 + 24,  # gram pass (its own mask read) + step
     "lerp_sync_": 16, "perturb_anchor": 16, "perturb_noise": 16, "restore_": 8, "fd_hvp_": 12,
-    "merge_stats": 16, "merge_": 12,
+    "merge_stats": 16, "merge_": 12, "soup_combine_": 4 * (2 + 3), "soup_coef_grads": 4 * (1 + 3),
 }  # fmt: skip
 MASKED = {"ratio_mask", "topk_mask", "gram", "combine_step_sgd_masked", "combine_step_adamw_masked_clipped"}
 # bf16 parameters/grads with fp32 state, derived by hand from the tensors each op touches.

@@ -25,11 +25,12 @@ def _outputs(case: str, d: dict, result: object, impl: str) -> list[torch.Tensor
         if impl == "reference":
             result = [unpack_bits(m, math.prod(s), s) for m, s in zip(result, shapes)]
         return [r.reshape(s).double() for r, s in zip(result, shapes)]
-    if case in ("gram", "merge_stats"):
+    if case in ("gram", "merge_stats", "soup_coef_grads"):
         return [torch.as_tensor(x).double() for x in (result if isinstance(result, tuple) else (result,))]
     keys = {
         "fisher_accumulate_": ["fisher"], "combine_step_sgd_masked": ["params", "buf"], "lerp_sync_": ["slow", "fast"],
         "perturb_anchor": ["params", "backup"], "restore_": ["params"], "fd_hvp_": ["out"], "merge_": ["params"],
+        "soup_combine_": ["out"],
     }[case]  # fmt: skip
     return [t.double() for k in keys for t in d[k]]
 
@@ -37,7 +38,8 @@ def _outputs(case: str, d: dict, result: object, impl: str) -> list[torch.Tensor
 PEER_CHECKS = [
     (case, peer)
     for case in ["fisher_accumulate_", "ratio_mask", "topk_mask", "gram", "combine_step_sgd_masked", "lerp_sync_",
-                 "perturb_anchor", "restore_", "fd_hvp_", "merge_stats", "merge_"]
+                 "perturb_anchor", "restore_", "fd_hvp_", "merge_stats", "merge_", "soup_combine_",
+                 "soup_coef_grads"]
     for peer in bench.CASES[case].peers
     if peer != "compile"
 ]  # fmt: skip

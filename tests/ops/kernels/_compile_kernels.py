@@ -20,14 +20,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastclu.ops.rules import RULES, StepConfig
-from fastclu.ops.triton import _reduce, combine, fisher, gram, hvp, lerp, masks, merge, perturb
+from fastclu.ops.triton import _reduce, combine, fisher, gram, hvp, lerp, masks, merge, perturb, soup
 from fastclu.ops.triton.rules import adamw as adamw_rule
 from fastclu.ops.triton.rules import update_of
 
 TARGET = GPUTarget("cuda", 90, 32)
 I64P = {"tab", "dyn", "ptrs", "numel", "blk_tensor", "blk_start", "blk_global", "index", "rowlen", "state", "hist", "ties",
         "ties_before"}  # fmt: skip
-INTS = {"n_rows", "n_tensors", "blk0", "n_blocks", "n_out", "seed_lo", "seed_hi", "start", "n", "count", "tensor_index"}
+INTS = {"n_rows", "n_tensors", "blk0", "n_blocks", "n_out", "seed_lo", "seed_hi", "start", "n", "count", "tensor_index",
+        "n_cols", "col_stride", "max_count"}  # fmt: skip
 FLOATS = {"wd", "momentum", "one_minus_damp", "eps"} | {f"h{k}" for k in range(6)}
 # every rule with every switch on that its hyperparameters allow (CLASSP: a general power)
 RULE_CONFIGS = {
@@ -45,7 +46,7 @@ def _sig(fn, consts: dict, int_types: dict) -> dict:
             sig[a] = "constexpr"
         elif a in I64P:
             sig[a] = "*i64"
-        elif a == "part":
+        elif a in ("part", "seg_out"):
             sig[a] = "*fp64"
         elif a in INTS:
             # as Triton types a Python int by value at launch: small ones i32, [2**31, 2**32) u32
@@ -78,6 +79,8 @@ def cases(full: bool) -> list[tuple[object, dict]]:
             (gram._gram_kernel, dict(R=4, M0=True, M1=False, M2=True, M3=False, HAS_MASK=True, D0=f32, D1=f16,
                                            D2=bf16, D3=f32, **c)),
             (merge._merge_stats_kernel, dict(DP=f32, DA=f32, DF=f32, DT=f32, **c)),
+            (soup._soup_combine_kernel, dict(K=3, DO=bf16, DB=f32, DD=f32, **{**c, "LAYOUT": 5})),
+            (soup._soup_partials_kernel, dict(K=3, DG=bf16, DD=f32, **{**c, "LAYOUT": 4 + 256 * 0b1})),
         ]  # fmt: skip
         for rule in RULES:
             flags = RULE_CONFIGS[rule].flags
@@ -91,6 +94,7 @@ def cases(full: bool) -> list[tuple[object, dict]]:
         (adamw_rule._step_kernel, {"HAS_FI": True, "LR_T": False, "DST": f32, "TB": 256, "LAYOUT": 13}),
         (masks._topk_select_kernel, {"SHIFT": 24}),
         (_reduce._sum_partials_kernel, {"BLOCK": 1024}),
+        (soup._soup_segments_kernel, {"K": 3, "BLOCK": 1024, "CHUNK": 1024, "LAYOUT": 4 + 256 * 0b1}),
         (perturb._row_norm_kernel, {"DP": f16, "BLOCK": 1024, "LAYOUT": 2 + 256 * 0b10}),
         # int arguments equal to 1 arrive as constexprs on the GPU
         (perturb._words_kernel, {"BLOCK": 1024, "tensor_index": 1, "seed_lo": 1}),
