@@ -129,7 +129,7 @@ def _state(rule):
     return st, {"weight_decay": 0.05, "betas": (0.9, 0.99), "eps": 1e-6, "amsgrad": True}
 
 
-def _case_kwargs(case, as_tensor):
+def _case_kwargs(case, as_tensor, dtype=torch.float32):
     T = (lambda x: torch.tensor(x)) if as_tensor else (lambda x: x)
     kw: dict = {}
     n_roles = 1
@@ -150,14 +150,14 @@ def _case_kwargs(case, as_tensor):
         kw["grad_scale"] = torch.tensor(8.0)
         kw["found_inf"] = torch.tensor(0.0)
     if case in ("restore", "everything"):
-        kw["restore_from"] = _rand()
+        kw["restore_from"] = _rand(dtype)  # the params' dtype: the op refuses a casting restore
     return kw, n_roles
 
 
 def _compare_paths(rule, case, lr=0.01, as_tensor=False, exact=False, dtype=torch.float32):
     params = _rand(dtype)
     st, hyper = _state(rule)
-    kw, n_roles = _case_kwargs(case, as_tensor)
+    kw, n_roles = _case_kwargs(case, as_tensor, dtype)
     p1, p2 = _clone(params), _clone(params)
     s1, s2 = {k: _clone(v) for k, v in st.items()}, {k: _clone(v) for k, v in st.items()}
     for _ in range(3):
