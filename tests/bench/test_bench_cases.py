@@ -65,6 +65,13 @@ def test_peers_compute_the_same_math_as_the_reference(case: str, peer: str) -> N
     assert len(got_ref) == len(got_peer) > 0
     for x, y in zip(got_ref, got_peer):
         assert not torch.isnan(x).any()
+        if case == "gram":
+            # fp32 dot products in another order: the error scales with sum |a b| <= sqrt(G_rr G_ss)
+            # (Cauchy-Schwarz), not with the entry itself (off-diagonal entries can cancel)
+            d = x.diagonal().abs()
+            bound = 2e-5 * torch.sqrt(torch.outer(d, d)) + 1e-6
+            assert bool(((x - y).abs() <= bound).all()), (x, y, bound)
+            continue
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
