@@ -21,6 +21,7 @@ from fastclu.bench.e2e import run_e2e
 from fastclu.bench.report import SCHEMA_VERSION, environment, format_table, plot, results_name
 from fastclu.bench.runner import DTYPES, Config, _usable_backends, check_targets, run_ops
 from fastclu.bench.shapes import CPU_LOG2_SIZES, DEFAULT_LOG2_SIZES, MODEL_SHAPES, QUICK_GPU_LOG2_SIZES
+from fastclu.bench.timer import steady_cpu_malloc
 from fastclu.bench.traffic import TRAFFIC
 
 
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if not on_gpu:
         meta["cpu_threads"] = 1
+        meta["malloc"] = steady_cpu_malloc()
     results, e2e = _run(cfg)
     doc = {"schema": SCHEMA_VERSION, "meta": meta, "results": results, "e2e": e2e, "targets": check_targets(results)}
     print()

@@ -75,3 +75,29 @@ def copy_step(nbytes: int, device: torch.device) -> Step:
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
+
+
+def steady_cpu_malloc() -> str:
+    """Pin glibc's malloc thresholds for CPU timing; returns what was done (for the JSON meta).
+
+    glibc adapts its mmap threshold to the sizes freed so far, so whichever implementation is
+    timed first after large frees pays mmap + page faults on every call while the threshold
+    settles (measured: up to 3x on ResNet-18 sizes, the order of the rows deciding the ratio).
+    Fixed thresholds (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, which also turn the adaptation
+    off) give every row the same allocator behaviour. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = None if libc is None else libc.mallopt
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return "not glibc: malloc thresholds left adaptive"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok_mmap = mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
+    ok_trim = mallopt(m_trim_threshold, 1 << 30)
+    return f"mallopt M_MMAP_THRESHOLD=32 MiB ({'ok' if ok_mmap else 'refused'}), M_TRIM_THRESHOLD=1 GiB ({'ok' if ok_trim else 'refused'})"
