@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from fastclu import distributed, ops
 from fastclu._registry import BACKENDS, choose, current_backend, device_type, implementation
 from fastclu._scalars import check_scalar
+from fastclu.ops._table import stable_operands
 from fastclu.ops.rules import RULES
 from fastclu.optim import _complex
 from fastclu.optim._layout import MAX_LAYOUTS, Bucket, Layout, Structure, pick
@@ -997,7 +998,8 @@ class RoleOptimizer(Optimizer):
 
     def _gram(self, b: Bucket, gs: list[list[Tensor]], direct: bool) -> Tensor:
         if direct:
-            return b.gram(gs, mask=b.masks, masked=b.flags)
+            with stable_operands(b.tables):  # its mask list is the layout's
+                return b.gram(gs, mask=b.masks, masked=b.flags)
         return ops.gram(gs, mask=b.masks, masked=b.flags, backend=self.backend)
 
     def _amp_found_inf(
@@ -1083,7 +1085,11 @@ class RoleOptimizer(Optimizer):
             fn = implementation("combine_step_", "reference")  # an fp64 scalar: the reference's fp64 math
         if isinstance(values["penalty"], Tensor):
             values["penalty"] = values["penalty"].reshape(())
-        fn(kparams, grads, b.states, **values)
+        if kparams is not b.kparams:  # working copies (non-contiguous or sharded): fresh addresses
+            fn(kparams, grads, b.states, **values)
+            return
+        with stable_operands(b.tables):
+            fn(kparams, grads, b.states, **values)
 
     def _clip_scale(
         self,

@@ -57,6 +57,9 @@ class Bucket:
     pen: dict[str, Any] = field(default_factory=dict)
     identity: bool = False  # idx covers Structure.params in order: no picking needed
     complex: bool = False  # complex parameters: the kernels see real views (fastclu.optim._complex)
+    # the bucket's device tables, looked up by call shape only (fastclu.ops._table.stable_operands):
+    # its params, state, masks and penalty operands are fixed for the layout's life
+    tables: dict = field(default_factory=dict)
 
 
 @dataclass
