@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import operator
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -76,7 +77,16 @@ def _import_backend(cpu: ModuleType) -> None:
 # --- the host-memory stand-ins for the wrappers' device helpers --------------------------------
 
 
+_is_cpu = Tensor.is_cpu.__get__
+_dtype = operator.attrgetter("dtype")
+
+
 def require_cpu(op: str, name: str, xs: Sequence[Tensor | None]) -> None:
+    try:
+        if all(map(_is_cpu, xs)):  # one C-level pass, no Python per tensor
+            return
+    except TypeError:  # None entries: the loop below
+        pass
     for i, x in enumerate(xs):
         if x is not None and x.device.type != "cpu":
             raise ValueError(
@@ -132,9 +142,12 @@ def step_source(
     steps: list[Tensor], found_inf: Tensor | None, dev: torch.device
 ) -> tuple[int, float, Tensor | None, bool]:
     """The combine wrapper's step-counter logic with CPU tensors standing for device tensors."""
-    for i, s in enumerate(steps):
-        if s.device.type != "cpu" or s.dtype != torch.float32:
-            raise TypeError(f"state['step'][{i}] must be an fp32 CPU tensor in CPU mode, got {s.dtype} on {s.device}")
+    if not (all(map(_is_cpu, steps)) and set(map(_dtype, steps)) <= {torch.float32}):  # C-level passes
+        for i, s in enumerate(steps):
+            if s.device.type != "cpu" or s.dtype != torch.float32:
+                raise TypeError(
+                    f"state['step'][{i}] must be an fp32 CPU tensor in CPU mode, got {s.dtype} on {s.device}"
+                )
     if HOST_STEP_COUNTERS:
         if found_inf is not None and float(found_inf.reshape(())) != 0.0:
             return 0, 1.0, None, True

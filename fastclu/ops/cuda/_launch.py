@@ -61,8 +61,16 @@ class HostScalar(NamedTuple):
         return (self.value, self.ptr)
 
 
+_is_cuda = Tensor.is_cuda.__get__  # the C-level getter: one map per list
+
+
 def require_cuda(op: str, name: str, xs: Sequence[Tensor | None]) -> None:
     """Raise a clear error (instead of a crash in a kernel) for tensors not on a CUDA device."""
+    try:
+        if all(map(_is_cuda, xs)):  # the common case: one C-level pass, no Python per tensor
+            return
+    except TypeError:  # None entries (an operand absent for some tensors): the loop below
+        pass
     for i, x in enumerate(xs):
         if x is not None and x.device.type != "cuda":
             raise ValueError(

@@ -7,6 +7,7 @@ that keeps step counters, those counters incremented and a way to read them (``s
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,9 @@ from fastclu.ops.rules import RULES, StepConfig
 from fastclu.ops.tables import TABLES, CombineRow, combine_operands
 
 Scalar = float | Tensor
+_is_cuda = Tensor.is_cuda.__get__
+_device = operator.attrgetter("device")
+_dtype = operator.attrgetter("dtype")
 
 
 def _is(x: Scalar, value: float) -> bool:
@@ -34,13 +38,14 @@ def _step_source(
     incremented on the stream (by 0 when ``found_inf`` is set, so no sync); CPU counters are
     incremented on the host, which needs the value of a device ``found_inf`` (one sync).
     """
-    on_dev = [s.device.type == "cuda" for s in steps]
+    on_dev = list(map(_is_cuda, steps))  # C-level passes: no Python work per tensor per step
     if steps and all(on_dev):
-        for i, s in enumerate(steps):
-            if s.device != dev or s.dtype != torch.float32:
-                raise TypeError(
-                    f"state['step'][{i}] must be an fp32 tensor on {dev} or on the CPU, got {s.dtype} on {s.device}"
-                )
+        if set(map(_device, steps)) != {dev} or set(map(_dtype, steps)) != {torch.float32}:
+            for i, s in enumerate(steps):
+                if s.device != dev or s.dtype != torch.float32:
+                    raise TypeError(
+                        f"state['step'][{i}] must be an fp32 tensor on {dev} or on the CPU, got {s.dtype} on {s.device}"
+                    )
         if found_inf is None:
             torch._foreach_add_(steps, 1.0)
         else:
