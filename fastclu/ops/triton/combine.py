@@ -30,7 +30,8 @@ from fastclu.ops.tables import TABLES, combine_operands
 from fastclu.ops.tables import CombineRow as R_
 from fastclu.ops.triton._multitensor import (
     BLOCK,
-    block_info,
+    C_NUMEL,
+    block_start,
     f64,
     groups,
     helper,
@@ -38,6 +39,7 @@ from fastclu.ops.triton._multitensor import (
     load_scalar,
     on_device,
     operand_ptr,
+    row_field,
     scalar_arg,
     table_args,
     tl_dtype,
@@ -50,6 +52,7 @@ from fastclu.ops.triton._rows import (
     ROW_PARAM,
     ROW_RESTORE,
 )
+from fastclu.ops.triton.masks import load_bits
 from fastclu.ops.triton.rules import GroupLaunch, prepare_of, split_double, update_of
 
 
@@ -91,24 +94,25 @@ def _combine_kernel(
     DR: tl.constexpr, BLOCK: tl.constexpr,
     EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
-    t, offs, m = block_info(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    # block_info's offsets and mask, with the block start kept for the mask bytes
+    t, start = block_start(tab, n_rows, tl.program_id(0) + blk0, BLOCK, EVEN, LAYOUT)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    m = tl.full([BLOCK], 1, tl.int1) if EVEN else offs < row_field(tab, t, C_NUMEL, LAYOUT)
     pp = operand_ptr(tab, dyn, LAYOUT, ROW_PARAM, t, DP, ALIGN)
 
-    # where nothing may move: a 0 mask bit in update mode, or the whole step when AMP found inf
-    go = m
+    # `live`: lanes the step may write at all (in bounds, and not an AMP found-inf step: a
+    # block-uniform predicate, so stores under it stay vectorised); `go`: lanes that move (a 0
+    # mask bit in update mode freezes the entry: it is written back with its loaded bits)
+    live = m
     if HAS_FI:
         # broadcast first: the interpreter cannot `&` a 0-d bool with a block of bools
         fi = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(fi_ptr).to(tl.float32)
-        go = go & (fi == 0.0)
+        live = live & (fi == 0.0)
     if HAS_MASK:
-        byte = tl.load(operand_ptr(tab, dyn, LAYOUT, ROW_MASK, t, tl.uint8, ALIGN) + (offs >> 3), mask=m, other=0).to(
-            tl.int32
-        )
-        bit = ((byte >> (offs & 7).to(tl.int32)) & 1) != 0
+        bit = load_bits(operand_ptr(tab, dyn, LAYOUT, ROW_MASK, t, tl.uint8, ALIGN), tab, t, start, BLOCK, EVEN, LAYOUT)
     else:
         bit = m
-    if UPDATE:
-        go = go & bit
+    go = live & bit if UPDATE else live
 
     if RESTORE:
         theta_raw = tl.load(operand_ptr(tab, dyn, LAYOUT, ROW_RESTORE, t, DR, ALIGN) + offs, mask=m, other=0.0)
@@ -152,15 +156,13 @@ def _combine_kernel(
 
     # the rule's own update (one file per rule: fastclu/ops/triton/rules/<rule>.py), a constexpr
     theta = RULE(
-        theta, g, lr32, lr64, tab, LAYOUT, t, offs, m, go, coef,
+        theta, g, lr32, lr64, tab, LAYOUT, t, offs, live, go, coef,
         h0, h0_lo, h1, h1_lo, h2, h2_lo, h3, h3_lo, h4, h4_lo, h5, h5_lo, F0, F1, F2, F3, DB0, DB1, DB2, ALIGN,
     )  # fmt: skip
 
     new = tl.where(go, theta.to(DP), theta_old)
-    if RESTORE:
-        tl.store(pp + offs, new, mask=m)
-    else:
-        tl.store(pp + offs, new, mask=go)
+    # a fused restore writes the clean weights even on a skipped step
+    tl.store(pp + offs, new, mask=m if RESTORE else live)
 
 
 @register("combine_step_", "triton")

@@ -12,17 +12,21 @@ from fastclu.ops.tables import TABLES, GramRow
 from fastclu.ops.triton import _multitensor as mt
 from fastclu.ops.triton._multitensor import (
     BLOCK,
-    block_info_ranked,
+    C_NUMEL,
+    block_rank,
+    block_start,
     groups,
     helper,
     launch,
     on_device,
     operand_ptr,
+    row_field,
     table_args,
     tl_dtype,
 )
 from fastclu.ops.triton._reduce import dsum as _dsum
 from fastclu.ops.triton._reduce import sum_partials
+from fastclu.ops.triton.masks import load_bits
 
 _MASK = tl.constexpr(int(GramRow.MASK))
 
@@ -33,12 +37,6 @@ def _store2(base, R: tl.constexpr, r: tl.constexpr, c: tl.constexpr, v):
     tl.store(base + c * R + r, v)
 
 
-@helper
-def _mask_bits(mptr, offs, m):
-    byte = tl.load(mptr + (offs >> 3), mask=m, other=0).to(tl.int32)
-    return ((byte >> (offs & 7).to(tl.int32)) & 1) != 0
-
-
 @triton.jit
 def _gram_kernel(
     tab, dyn, n_rows, part,
@@ -47,9 +45,13 @@ def _gram_kernel(
     BLOCK: tl.constexpr, EVEN: tl.constexpr, ALIGN: tl.constexpr, LAYOUT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0) + blk0
-    t, offs, m, gb = block_info_ranked(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
+    # block_info_ranked, with the block start kept for the mask bytes
+    t, start = block_start(tab, n_rows, pid, BLOCK, EVEN, LAYOUT)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    m = tl.full([BLOCK], 1, tl.int1) if EVEN else offs < row_field(tab, t, C_NUMEL, LAYOUT)
+    gb = block_rank(tab, t, start, BLOCK, LAYOUT)
     if HAS_MASK:
-        bits = _mask_bits(operand_ptr(tab, dyn, LAYOUT, _MASK, t, tl.uint8, ALIGN), offs, m)
+        bits = load_bits(operand_ptr(tab, dyn, LAYOUT, _MASK, t, tl.uint8, ALIGN), tab, t, start, BLOCK, EVEN, LAYOUT)
     else:
         bits = tl.full([BLOCK], 1, tl.int1)
     g0 = tl.load(operand_ptr(tab, dyn, LAYOUT, 0, t, D0, ALIGN) + offs, mask=m, other=0.0).to(tl.float32)

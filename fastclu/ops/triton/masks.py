@@ -38,6 +38,24 @@ from fastclu.ops.triton._multitensor import (
 
 
 @helper
+def load_bits(mptr, tab, t, start, BLOCK: tl.constexpr, EVEN: tl.constexpr, LAYOUT: tl.constexpr):
+    """[BLOCK] bools of row ``t``'s packed mask for the block of elements from ``start``.
+
+    One byte load per 8 elements (a per-element ``offs >> 3`` load fetches every byte 8 times):
+    blocks start at multiples of 8, so the bytes are ``start / 8 + [0, BLOCK / 8)`` and row i of
+    the [BLOCK // 8, 8] bit view is byte i's elements. Bits past the tensor's end are 0.
+    """
+    byte_idx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
+    if EVEN:
+        byte = tl.load(mptr + byte_idx).to(tl.int32)
+    else:
+        live = byte_idx * 8 < row_field(tab, t, C_NUMEL, LAYOUT)
+        byte = tl.load(mptr + byte_idx, mask=live, other=0).to(tl.int32)
+    bits = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    return tl.reshape(bits, [BLOCK]) != 0
+
+
+@helper
 def _byte_offsets(start, BLOCK: tl.constexpr):
     """[BLOCK // 8, 8] element offsets and [BLOCK // 8] byte offsets of a block."""
     bytes_ = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)

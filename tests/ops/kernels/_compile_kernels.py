@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import sys
 
@@ -105,6 +106,17 @@ def cases(full: bool) -> list[tuple[object, dict]]:
     return out
 
 
+def ptx_counts(ptx: str) -> dict:
+    """Static counts of one kernel's global memory instructions (any predicate, any width)."""
+    acc = re.findall(r"(?:@%p\d+\s+)?(ld|st)\.global((?:\.[a-z]+)*?)(\.v[248])?\.(\w+)\s", ptx)
+    return {
+        "vector_accesses": sum(1 for _, _, v, _ in acc if v),
+        "byte_loads": sum(1 for op, _, _, t in acc if op == "ld" and t in ("u8", "b8", "s8")),
+        "scalar_stores": sum(1 for op, _, v, _ in acc if op == "st" and not v),
+        "vector_stores": sum(1 for op, _, v, _ in acc if op == "st" and v),
+    }
+
+
 def _shown(v: object) -> object:
     fn = getattr(v, "fn", None)  # a Triton function passed as a constexpr (an update rule)
     return f"{fn.__module__}.{fn.__name__}" if fn is not None else v
@@ -115,13 +127,22 @@ def main() -> None:
         variant = {k: (str(v) if isinstance(v, tl.dtype) else _shown(v)) for k, v in consts.items()}
         int_types = consts.get("_int_types", {})
         consts = {k: v for k, v in consts.items() if k != "_int_types"}
-        rec = {"kernel": fn.__name__, "variant": variant, "ok": False, "error": None, "vector_accesses": 0}
+        rec = {
+            "kernel": fn.__name__,
+            "variant": variant,
+            "ok": False,
+            "error": None,
+            "vector_accesses": 0,
+        }  # + ptx_counts
         try:
             k = triton.compile(
                 ASTSource(fn=fn, signature=_sig(fn, consts, int_types), constexprs=consts), target=TARGET
             )
             rec["ok"] = True
-            rec["vector_accesses"] = len(re.findall(r"(?:ld|st)\.global[\w.:]*\.v[24]\.", k.asm["ptx"]))
+            rec.update(ptx_counts(k.asm["ptx"]))
+            if os.environ.get("FASTCLU_PTX_DIR"):  # keep the PTX for reading (one file per variant)
+                name = f"{fn.__name__}_{abs(hash(json.dumps(variant, sort_keys=True))) % 10**6}.ptx"
+                pathlib.Path(os.environ["FASTCLU_PTX_DIR"], name).write_text(k.asm["ptx"])
         except Exception as e:  # noqa: BLE001 - report every failure, keep compiling the rest
             rec["error"] = f"{e.__class__.__name__}: {e}"[:2000]
         print(json.dumps(rec), flush=True)

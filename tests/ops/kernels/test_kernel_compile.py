@@ -2,7 +2,8 @@
 
 Under the interpreter nothing is compiled, so a kernel that only works there (an unsupported
 op, a bad cast) would pass the CPU suite and fail on the first GPU. Triton's bundled ptxas
-assembles the PTX here; whole blocks must come out with vectorised (v2/v4) global accesses.
+assembles the PTX here; whole blocks must come out with vectorised (v2/v4) global accesses,
+one mask byte load per 8 elements and (combine) no scalar stores.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def _check(records: list[dict]) -> None:
     assert not bad, "\n".join(f"{r['kernel']} {r['variant']}: {r['error']}" for r in bad)
     scalar_only = [r["kernel"] for r in records if r["variant"].get("EVEN") and r["vector_accesses"] == 0]
     assert not scalar_only, f"whole-block variants without vectorised accesses: {scalar_only}"
+    # packed masks: one byte load per 8 elements (BLOCK 1024 over 128 threads: 8 elements, 1 byte
+    # per thread), not one per element; combine's stores (update mode included) stay vectorised
+    whole = [r for r in records if r["variant"].get("EVEN")]
+    masked = [r for r in whole if r["kernel"] in ("_combine_kernel", "_gram_kernel") and r["variant"].get("HAS_MASK")]
+    assert masked, "no masked combine/gram variant was compiled"
+    many = [(r["kernel"], r["byte_loads"]) for r in masked if r["byte_loads"] > 1]
+    assert not many, f"mask bytes loaded more than once per 8 elements: {many}"
+    scalar_st = [(r["variant"].get("RULE"), r["scalar_stores"]) for r in masked if r["kernel"] == "_combine_kernel"]
+    assert all(n == 0 for _, n in scalar_st), f"combine with scalar (predicated) stores: {scalar_st}"
 
 
 def test_kernels_compile_for_sm90() -> None:

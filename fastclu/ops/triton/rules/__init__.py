@@ -2,8 +2,10 @@
 
 Each ``<rule>.py`` defines ``update``: a Triton function with the signature below, called by
 the fused combine kernel (passed as its constexpr ``RULE``) once the shared prologue has formed
-the step's gradient ``g``. It returns the new fp32 weights and stores its own state, writing
-only where ``go`` (the update-mode mask and the AMP skip) allows. Its state lists are the table
+the step's gradient ``g``. It returns the new fp32 weights and stores its own state: loads
+under ``m`` (in bounds and not an AMP-skipped step, block-uniform), new values only where
+``go`` (``m`` and the update-mode mask), so it stores ``tl.where(go, new, loaded)`` under
+``m`` (a frozen entry keeps its loaded bits; the store stays vectorised). Its state lists are the table
 rows ``ROW_STATE0``, ``ROW_STATE1``, ``ROW_STATE_MAX`` (:mod:`.._rows`) in the order of
 :attr:`fastclu.ops.rules.Rule.buffers`; ``dB0..dB2`` their element types. Its hyperparameters
 arrive as the rule's slots (:attr:`fastclu.ops.rules.StepConfig.slots`): slot ``k`` is the fp32

@@ -42,21 +42,24 @@ def update(
     beta2 = f64(h2, h2_lo)
     if F0:
         theta = theta * (1.0 - lr64 * tl.cast(h0, tl.float64)).to(tl.float32)
-    ea = tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32)
-    eas = tl.load(b1p + offs, mask=m, other=0.0).to(tl.float32)
+    ea_raw = tl.load(b0p + offs, mask=m, other=0.0)
+    eas_raw = tl.load(b1p + offs, mask=m, other=0.0)
+    ea = ea_raw.to(tl.float32)
+    eas = eas_raw.to(tl.float32)
     # torch.lerp(ea, g, w), with its switch of formula at w = 0.5
     w = (1.0 - beta1).to(tl.float32)
     ea_new = tl.where(w < 0.5, ea + w * (g - ea), g - (g - ea) * (1.0 - w))
     eas_new = eas * beta2.to(tl.float32) + ((1.0 - beta2).to(tl.float32) * g) * g
-    tl.store(b0p + offs, ea_new.to(DB0), mask=go)
-    tl.store(b1p + offs, eas_new.to(DB1), mask=go)
+    tl.store(b0p + offs, tl.where(go, ea_new.to(DB0), ea_raw), mask=m)
+    tl.store(b1p + offs, tl.where(go, eas_new.to(DB1), eas_raw), mask=m)
     v = eas_new
     if F1:
         b2p = operand_ptr(tab, tab, LAYOUT, ROW_STATE_MAX, t, DB2, ALIGN)
-        vmax = tl.load(b2p + offs, mask=m, other=0.0).to(tl.float32)
+        vmax_raw = tl.load(b2p + offs, mask=m, other=0.0)
+        vmax = vmax_raw.to(tl.float32)
         # torch.maximum propagates NaN, tl.maximum drops it (issue 17)
         v = tl.maximum(vmax, eas_new, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(b2p + offs, v.to(DB2), mask=go)
+        tl.store(b2p + offs, tl.where(go, v.to(DB2), vmax_raw), mask=m)
     denom = tl.sqrt_rn(v) / bc2_sqrt + h3
     return theta + (-step_size * ea_new) / denom
 

@@ -54,7 +54,8 @@ def update(
     upd = g
     if F0:
         ap = operand_ptr(tab, tab, LAYOUT, ROW_STATE0, t, DB0, ALIGN)  # acc
-        acc = tl.load(ap + offs, mask=m, other=0.0).to(tl.float32) + _pow(tl.abs(g), F1, h1)
-        tl.store(ap + offs, acc.to(DB0), mask=go & on)
+        acc_raw = tl.load(ap + offs, mask=m, other=0.0)
+        acc = acc_raw.to(tl.float32) + _pow(tl.abs(g), F1, h1)
+        tl.store(ap + offs, tl.where(go & on, acc.to(DB0), acc_raw), mask=m)
         upd = g / _root(acc + h3, F1, h2)
     return tl.where(on, theta + (-lr32) * upd, theta)

@@ -24,7 +24,12 @@ def update(
     if F1:
         b0p = operand_ptr(tab, tab, LAYOUT, ROW_STATE0, t, DB0, ALIGN)  # momentum_buffer
         # F3: torch's first step (buf is None), buf = d_p
-        buf = g if F3 else tl.load(b0p + offs, mask=m, other=0.0).to(tl.float32) * h1 + h2 * g
-        tl.store(b0p + offs, buf.to(DB0), mask=go)
+        if F3:
+            buf = g
+            tl.store(b0p + offs, buf.to(DB0), mask=go)  # nothing loaded to write back
+        else:
+            buf_raw = tl.load(b0p + offs, mask=m, other=0.0)
+            buf = buf_raw.to(tl.float32) * h1 + h2 * g
+            tl.store(b0p + offs, tl.where(go, buf.to(DB0), buf_raw), mask=m)
         g = g + h1 * buf if F2 else buf
     return theta + (-lr32) * g
