@@ -9,28 +9,9 @@ fastclu-only paths (mask, several roles, clip, update-mode mask).
 
 from __future__ import annotations
 
-import sys
-import types
-import unittest
-
 import pytest
 import torch
-
-import fastclu.optim
-
-if "expecttest" not in sys.modules:  # torch's testing package imports it only for a TestCase base
-    try:
-        import expecttest  # noqa: F401
-    except ImportError:
-        _stub = types.ModuleType("expecttest")
-        _stub.TestCase = unittest.TestCase  # type: ignore[attr-defined]
-        sys.modules["expecttest"] = _stub
-
-from torch.testing._internal.common_optimizers import optim_db
-
-INFOS = {o.name: o for o in optim_db if o.name in ("SGD", "AdamW")}
-OURS = {"SGD": fastclu.optim.SGD, "AdamW": fastclu.optim.AdamW}
-TORCH = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
+from _optim_db import INFOS, OURS, TORCH
 
 
 def _cases() -> list:
