@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -212,6 +213,18 @@ class OptimizerWrapper(Optimizer):
         apply()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def kept_backup(cache: dict[Tensor, Tensor], params: list[Tensor]) -> list[Tensor]:
+    """Clean-weight copies of ``params`` reused from step to step (a new one where a parameter
+    changed shape, dtype or device): the perturbing wrappers' backups."""
+    backup = []
+    for p in params:
+        b = cache.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = cache[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        backup.append(b)
+    return backup
 
 
 def _int(name: str, x: object, lo: int) -> int:

@@ -18,7 +18,7 @@ from fastclu import distributed, ops
 from fastclu._scalars import check_scalar
 from fastclu.merge import accumulate_task_, merge_task_
 from fastclu.optim import _complex
-from fastclu.optim._wrapper import OptimizerWrapper, _int
+from fastclu.optim._wrapper import OptimizerWrapper, _int, kept_backup
 from fastclu.perturb import by_device, perturb_many_, restore_many_
 
 __all__ = ["PerturbMerge"]
@@ -199,12 +199,7 @@ class PerturbMerge(OptimizerWrapper):
             finally:
                 self._inside = False
             return
-        backup = []
-        for p in params:
-            b = self._backup.get(p)
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = self._backup[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            backup.append(b)
+        backup = kept_backup(self._backup, params)
         # A transaction: the backups are written before the first tensor moves, and a move
         # interrupted half-way is undone inside perturb_many_.
         perturb_many_(params, k * self.eps, backup=backup, anchor=[self._pp[p]["anchor"] for p in params],

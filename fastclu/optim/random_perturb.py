@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from fastclu._scalars import check_scalar
 from fastclu.optim import _complex
-from fastclu.optim._wrapper import OptimizerWrapper, _int
+from fastclu.optim._wrapper import OptimizerWrapper, _int, kept_backup
 from fastclu.perturb import mix_seed, perturb_many_, restore_many_, restore_or_pend_
 
 __all__ = ["RandomPerturb"]
@@ -206,13 +206,7 @@ class RandomPerturb(OptimizerWrapper):
 
     def _kept_backup(self, params: list[Tensor]) -> list[Tensor]:
         """The clean-weight copies of ``exact=True``, reused from step to step."""
-        backup = []
-        for p in params:
-            b = self._backup.get(p)
-            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                b = self._backup[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            backup.append(b)
-        return backup
+        return kept_backup(self._backup, params)
 
     def remove_noise(self) -> None:
         """Take the noise back out (bit-exact with ``exact=True``); no-op when none is applied.
