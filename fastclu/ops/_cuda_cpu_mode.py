@@ -114,24 +114,6 @@ def scalar(x: float | Tensor, device: torch.device):
     return HostScalar(float(x), 0, None)
 
 
-def build_table(
-    op: str,
-    operands: Sequence[Sequence[Tensor | None] | None],
-    device: torch.device,
-    *,
-    units: Sequence[int] | None = None,
-    aux: Sequence[int] | None = None,
-    pointer_operands: Sequence[int] = (),
-    dynamic: Sequence[int] = (),
-):
-    """The wrappers' table in host memory: the same builder and cache as on a GPU (the tables'
-    build and pointer-upload counts are those of a GPU run)."""
-    from fastclu.ops.cuda._launch import table_on
-
-    return table_on(op, operands, torch.device("cpu"), units=units, aux=aux, pointer_operands=pointer_operands,
-                    dynamic=dynamic)  # fmt: skip
-
-
 # Every tensor is on the CPU here, so the wrapper cannot tell a GPU run's "device" step counters
 # from its "host" ones: device counters by default (step mode 2, read by the kernel), host
 # counters (modes 0 and 1) when a test sets this.
@@ -175,7 +157,7 @@ def _swaps(cpu: ModuleType) -> list[tuple[object, str, object]]:
     from fastclu.ops.cuda import _launch, combine
 
     helpers = {"require_cuda": require_cpu, "stream_of": no_stream, "on_device": host_device,
-               "scalar": scalar, "build_table": build_table}  # fmt: skip
+               "scalar": scalar}  # fmt: skip
     missing = [f"_launch.{n}" for n in helpers if not hasattr(_launch, n)]
     missing += [] if hasattr(combine, "_step_source") else ["combine._step_source"]
     if missing:  # the wrappers changed: a silent partial switch would run device code paths

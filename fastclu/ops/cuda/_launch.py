@@ -150,22 +150,9 @@ def build_table(
     A cached table may have been uploaded on another stream: the current stream waits for that
     upload's event (outside graph capture; torch.cuda.graph synchronizes before capturing, so a
     table built by the warm-up call is complete). Tables used while capturing are kept forever
-    (a replay reads them); a capture that would need a build or a pointer upload is refused.
+    (a replay reads them); a capture that would need a build or a pointer upload is refused. Any
+    device: the CPU execution mode's tables live in host memory, with the same builder and cache.
     """
-    return table_on(op, operands, device, units=units, aux=aux, pointer_operands=pointer_operands, dynamic=dynamic)
-
-
-def table_on(
-    op: str,
-    operands: Sequence[Sequence[Tensor | None] | None],
-    device: torch.device,
-    *,
-    units: Sequence[int] | None = None,
-    aux: Sequence[int] | None = None,
-    pointer_operands: Sequence[int] = (),
-    dynamic: Sequence[int] = (),
-) -> Table:
-    """:func:`build_table` on any device (the CPU execution mode's tables live in host memory)."""
     e = _table.get(op, operands, device, chunk=CHUNK, dynamic=dynamic, pointer_operands=pointer_operands, units=units,
                    aux=aux, codes=_table.CUDA_CODES)  # fmt: skip
     (p,) = e.parts
