@@ -214,7 +214,7 @@ def get(
         hit = memo.get(mkey)
         if hit is not None:
             _stats["hits"] += 1
-            return _finish(op, operands, hit[0], hit[1], device, dyn_set)
+            return _finish(op, operands, hit[0], hit[1], device, dyn_set, capturing(device))
     sig = tuple(None if xs is None else _dtypes_of(xs) for xs in operands)
     stable = tuple(None if xs is None or k in dyn_set else _ptrs_of(xs) for k, xs in enumerate(operands))
     key = (str(device), chunk, split_tails, by_dtype, keep_empty, tuple(sorted(dyn_set)), tuple(pointer_operands),
@@ -242,12 +242,13 @@ def get(
             _cache.popitem(last=False)
     if memo is not None:
         memo[mkey] = (entry, key)
-    return _finish(op, operands, entry, key, device, dyn_set)
+    return _finish(op, operands, entry, key, device, dyn_set, cap)
 
 
-def _finish(op: str, operands: Sequence, entry: Entry, key: tuple, device: torch.device, dyn_set: frozenset) -> Entry:
+def _finish(
+    op: str, operands: Sequence, entry: Entry, key: tuple, device: torch.device, dyn_set: frozenset, cap: bool
+) -> Entry:
     """This call's per-step pointers, capture pinning and stream ordering for a found table."""
-    cap = capturing(device)
     if dyn_set:
         dkey = tuple(_ptrs_of(operands[k]) for k in sorted(dyn_set))
         if dkey != entry.dyn_key:
