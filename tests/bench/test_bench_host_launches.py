@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _cpu_module import build_cpu_module
 
 from fastclu.bench import host
 
@@ -23,6 +24,8 @@ EXPECTED = {
 @pytest.mark.interpreter
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_launches_per_step_of_every_host_case(backend: str) -> None:
+    if backend == "cuda":
+        build_cpu_module()  # the CPU execution mode's module; built here if no earlier test has
     use, skipped = host.usable_host_backends(torch.device("cpu"))
     if backend not in use:
         pytest.skip(skipped[backend])

@@ -9,10 +9,7 @@ kernels compiled for the CPU run on CPU tensors (marker ``cuda_cpu``, see csrc/c
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -45,31 +42,6 @@ TOL = {
 # under the interpreter and is used by a few cases only
 SIZES = [1, 7, 4097, 0]
 BIG = 100003
-
-
-_ROOT = Path(__file__).resolve().parents[3]
-_built: list[str] = []  # "" once built, else the reason it could not be
-
-
-def build_cpu_module() -> None:
-    """Build fastclu._C_cpu once per session (incremental; skips, saying why, without g++)."""
-    if _built:
-        if _built[0]:
-            pytest.skip(_built[0])
-        return
-    script = _ROOT / "csrc" / "cpu" / "build.py"
-    if not script.is_file():
-        _built.append(f"no {script} (the CPU mode builds fastclu._C_cpu from a source checkout)")
-    elif shutil.which(os.environ.get("CXX", "g++")) is None or importlib.util.find_spec("pybind11") is None:
-        _built.append("the CPU mode needs g++ and pybind11 to build fastclu._C_cpu")
-    if _built:
-        pytest.skip(_built[0])
-    spec = importlib.util.spec_from_file_location("fastclu_cpu_build", script)
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    build.build()  # a compile error fails the test that asked for the module
-    _built.append("")
 
 
 def need(backend: str) -> None:

@@ -82,7 +82,8 @@ def kernel_calls(
 import os
 
 import pytest
-from _kernel_cases import CUDA_ON_CPU, build_cpu_module
+from _cpu_module import build_cpu_module
+from _kernel_cases import CUDA_ON_CPU
 
 os.environ.setdefault("FASTCLU_CPU_SEED", str(int.from_bytes(os.urandom(4), "little")))
 

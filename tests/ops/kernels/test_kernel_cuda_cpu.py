@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _kernel_cases import CUDA_ON_CPU, SIZES, assert_close, assert_equal, build_cpu_module, clone
+from _cpu_module import build_cpu_module
+from _kernel_cases import CUDA_ON_CPU, SIZES, assert_close, assert_equal, clone
 from test_kernel_combine import CASES, _inputs
 
 from fastclu.ops import combine_step_, merge_
