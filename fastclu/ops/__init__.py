@@ -13,6 +13,7 @@ reference keeps fp64 math); this is decided in one place, ``_run``. Optimizer st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -249,7 +250,23 @@ def _check_combine(v: dict) -> None:
             raise TypeError(f"{name} must be a 1-element tensor or None")
     if v["restore_from"] is not None:
         C.same_dtype("restore_from", v["restore_from"], "params", params, "a bit-exact restore")
+    _check_clip(v, n_roles, dev)
     _check_combine_state(v)
+
+
+def _check_clip(v: dict, n_roles: int, dev: torch.device | None) -> None:
+    gram, clip = v["clip_gram"], v["clip"]
+    if gram is None:
+        return
+    if not isinstance(gram, Tensor) or gram.shape != (n_roles, n_roles):
+        got = tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__
+        raise ValueError(f"clip_gram must be a [{n_roles}, {n_roles}] tensor (one row per role), got {got}")
+    if gram.dtype != torch.float32:  # what gram() returns; an fp64 one would route the step to the reference
+        raise TypeError(f"clip_gram must be float32 (as gram() returns it), got {gram.dtype}")
+    if dev is not None and gram.device != dev:
+        raise ValueError(f"clip_gram is on {gram.device} but the params are on {dev}")
+    if isinstance(clip, float) and not (math.isfinite(clip) and clip > 0.0):
+        raise ValueError(f"clip must be a finite number > 0, got {clip}")
 
 
 def _check_hparams(v: dict) -> dict:
@@ -312,6 +329,8 @@ _spec(OpSpec("combine_step_", (
     Arg("found_inf", "tensor", None, keyword=True),
     Arg("restore_from", "tensors", None, like="params", optional=True, keyword=True),
     Arg("maximize", "bool", False, keyword=True),
+    Arg("clip_gram", "tensor", None, keyword=True),
+    Arg("clip", "scalar", 1.0, keyword=True),
     Arg("hparams", "hparams", HPARAMS, keyword=True),
 ), check=_check_combine, state_keys=tuple(dict.fromkeys(k for r in RULES.values() for k in r.state))))  # fmt: skip
 
@@ -335,6 +354,8 @@ def combine_step_(
     found_inf: Tensor | None = None,
     restore_from: list[Tensor] | None = None,
     maximize: bool = False,
+    clip_gram: Tensor | None = None,
+    clip: Scalar = 1.0,
     backend: str | None = None,
     **hparams: float | bool | tuple[float, ...],
 ) -> None:
@@ -342,6 +363,7 @@ def combine_step_(
 
     Per element, in fp32::
 
+        scale = scale * clip_factor                         # if clip_gram is given (below)
         g = scale * sum_r coeffs[r] * (m if masked[r] else 1) * grads[r]   # mask_mode "grad"
         g = g / grad_scale                                  # if grad_scale (AMP) is given
         g = g + penalty * importance * (theta - anchor)     # if importance/anchor given
@@ -372,6 +394,14 @@ def combine_step_(
             The restore is not part of the step: when ``found_inf`` skips the update, params
             still receive the ``restore_from`` values.
         maximize: negate the combined gradient (ascend).
+        clip_gram, clip: the global-norm clip, formed on the device inside the step (no host
+            sync, no extra launch): ``clip_gram`` is the ``[R, R]`` gram of the masked role
+            gradients over every parameter the clip spans (:func:`gram`, summed over calls or
+            ranks; fp32, on the params' device), ``clip`` the bound (> 0, float or 0-d
+            tensor). In fp64, with ``c`` the coefficients as fp32 values:
+            ``norm = sqrt(max(sum_rs c_r c_s G[r, s], 0))``, divided by ``grad_scale`` if
+            given, and ``clip_factor = min(1, clip / (norm + 1e-6))`` (NaN propagates), cast
+            to fp32 -- ``torch.nn.utils.clip_grad_norm_``'s factor for the combination.
         hparams: the rule's hyperparameters (:attr:`fastclu.ops.rules.Rule.hparams`; another
             rule's at a non-default value is an error). ``sgd``: ``weight_decay``, ``momentum``,
             ``dampening``, ``nesterov``, ``init_momentum`` (the first step:
@@ -386,7 +416,7 @@ def combine_step_(
         "params": params, "grads": grads, "state": state, "rule": rule, "lr": lr, "coeffs": coeffs, "scale": scale,
         "mask": mask, "masked": masked, "mask_mode": mask_mode, "penalty": penalty, "importance": importance,
         "anchor": anchor, "grad_scale": grad_scale, "found_inf": found_inf, "restore_from": restore_from,
-        "maximize": maximize, "hparams": hparams,
+        "maximize": maximize, "clip_gram": clip_gram, "clip": clip, "hparams": hparams,
     }  # fmt: skip
     _call("combine_step_", backend, values)
 

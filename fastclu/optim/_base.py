@@ -947,12 +947,12 @@ class RoleOptimizer(Optimizer):
                 self._drop_stashes()
                 return found_inf
             self._finish_layout(layout)
-        scale: float | Tensor = 1.0
-        if clip is not None:
-            scale = self._clip_scale(layout, grads, coeffs, clip, grad_scale, grams, direct)
+        clip_gram = None if clip is None else self._clip_gram(layout, grads, grams, direct)
         work = ContiguousWork(b.params[j] for b in layout.buckets for j in b.noncontig)
         for b, gs in zip(layout.buckets, grads):
-            self._combine_bucket(b, gs, coeffs, scale, grad_scale, found_inf, restore, work, layout.dtensor, direct)
+            self._combine_bucket(
+                b, gs, coeffs, (clip_gram, clip), grad_scale, found_inf, restore, work, layout.dtensor, direct
+            )
         work.write_back()
         self._drop_stashes()
         return found_inf
@@ -1049,7 +1049,7 @@ class RoleOptimizer(Optimizer):
         b: Bucket,
         grads: list[list[Tensor]],
         coeffs: dict[str, float | Tensor],
-        scale: float | Tensor,
+        clipping: tuple[Tensor | None, float | Tensor | None],
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         restore: dict | None,
@@ -1057,7 +1057,8 @@ class RoleOptimizer(Optimizer):
         dtensor: bool,
         direct: bool,
     ) -> None:
-        """One fused ``combine_step_`` over the bucket (its backend's implementation when ``direct``)."""
+        """One fused ``combine_step_`` over the bucket (its backend's implementation when ``direct``);
+        ``clipping``: the global gram and the bound (the kernel forms the clip factor), or Nones."""
         group = b.group
         params = b.params
         dev = params[0].device
@@ -1067,7 +1068,7 @@ class RoleOptimizer(Optimizer):
         cs = [c.to(dev).reshape(()) if isinstance(c, Tensor) and c.device.type != "cpu" else c for c in coeffs.values()]
         values = {
             "rule": self._rule, "lr": lr.reshape(()) if isinstance(lr, Tensor) else lr, "coeffs": cs,
-            "scale": scale.to(dev) if isinstance(scale, Tensor) else scale, "mask": b.masks, "masked": b.flags,
+            "scale": 1.0, "mask": b.masks, "masked": b.flags,
             "mask_mode": b.mode, "penalty": group["penalty"] if b.has_pen else 0.0,
             "importance": b.pen.get("importance"), "anchor": b.pen.get("anchor"),
             "grad_scale": None if grad_scale is None else grad_scale.to(dev),
@@ -1075,6 +1076,12 @@ class RoleOptimizer(Optimizer):
             "restore_from": None if restore is None else real(distributed.local_list(work([restore[p] for p in params]))),
             **self._rule_kwargs(group),
         }  # fmt: skip
+        clip_gram, clip = clipping
+        if clip_gram is not None:
+            values["clip_gram"] = clip_gram if clip_gram.device == dev else clip_gram.to(dev)
+            values["clip"] = (
+                clip.to(dev).reshape(()) if isinstance(clip, Tensor) and clip.device.type != "cpu" else clip
+            )
         if "init_momentum" in RULES[self._rule].hparams:
             values["init_momentum"] = b.init
         if not direct:
@@ -1091,54 +1098,26 @@ class RoleOptimizer(Optimizer):
         with stable_operands(b.tables):
             fn(kparams, grads, b.states, **values)
 
-    def _clip_scale(
-        self,
-        layout: Layout,
-        grads: list[list[list[Tensor]]],
-        coeffs: dict[str, float | Tensor],
-        clip: float | Tensor,
-        grad_scale: Tensor | None,
-        grams: dict[int, Tensor],
-        direct: bool,
+    def _clip_gram(
+        self, layout: Layout, grads: list[list[list[Tensor]]], grams: dict[int, Tensor], direct: bool
     ) -> Tensor:
-        """``min(1, clip / (norm + 1e-6))`` with ``norm^2 = c^T G c`` from one gram pass per bucket.
+        """The fp32 ``[R, R]`` gram over every bucket (and rank) that the fused step's clip reads.
 
-        No host sync and no host-to-device copy: numbers enter as kernel scalars (``new_full``,
-        scalar division), device tensors are used where they are.
+        One gram pass per bucket (shared with the AMP check); one bucket's gram is used as it
+        is, several are summed in fp64 (as are ranks' shards) and rounded to fp32 once. The
+        clip factor itself, ``min(1, clip / (norm + 1e-6))`` with ``norm^2 = c^T G c``, is formed
+        inside ``combine_step_`` (``clip_gram=``): no host sync, no extra op per step.
         """
         total: Tensor | None = None
         for bi, (b, gs) in enumerate(zip(layout.buckets, grads)):
             g = grams.get(bi)
             if g is None:
                 g = self._gram(b, gs, direct)
-            total = g.double() if total is None else total + g.to(total.device, torch.float64)
+            total = g if total is None else total.double() + g.to(total.device, torch.float64)
         assert total is not None
         if layout.dtensor:
-            total = distributed.reduce_gram_(total, [p for b in layout.buckets for p in b.params])
-        c = self._coeff_vector(list(coeffs.values()), total)
-        dev = total.device
-        norm = (c @ total @ c).clamp_min(0.0).sqrt()
-        if grad_scale is not None:
-            norm = norm / grad_scale.to(dev, torch.float64).reshape(())
-        bound = clip.to(dev, torch.float64) if isinstance(clip, Tensor) else clip
-        return (bound / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
-
-    def _coeff_vector(self, values: list[float | Tensor], like: Tensor) -> Tensor:
-        """fp64 ``[R]`` coefficients on ``like``'s device. Numbers: cached by value (the last few
-        sets), a new set written by fills (kernel scalars: no host-to-device copy, no sync)."""
-        if any(isinstance(v, Tensor) for v in values):
-            return torch.stack([v.to(like.device, torch.float64).reshape(()) if isinstance(v, Tensor)
-                                else like.new_full((), v, dtype=torch.float64) for v in values])  # fmt: skip
-        if torch.compiler.is_compiling():
-            return torch.stack([like.new_full((), v, dtype=torch.float64) for v in values])
-        cache = self.__dict__.setdefault("_coeff_cache", {})
-        key = (tuple(values), like.device)
-        c = cache.get(key)
-        if c is None:
-            if len(cache) >= 8:
-                cache.clear()
-            c = cache[key] = torch.stack([like.new_full((), v, dtype=torch.float64) for v in values])
-        return c
+            total = distributed.reduce_gram_(total.double(), [p for b in layout.buckets for p in b.params])
+        return total if total.dtype == torch.float32 else total.float()
 
 
 _EMPTY: dict = {}
@@ -1156,7 +1135,7 @@ def _nonzero(x: object) -> bool:
 
 
 def _any_fp64(values: dict[str, Any]) -> bool:
-    xs = [values["lr"], values["scale"], values["penalty"], *values["coeffs"]]
+    xs = [values["lr"], values.get("clip"), values["penalty"], *values["coeffs"]]
     return any(isinstance(x, Tensor) and x.dtype == torch.float64 for x in xs)
 
 

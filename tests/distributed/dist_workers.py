@@ -123,15 +123,18 @@ def case_fsdp(rank: int, world: int) -> None:
     opt_ref.set_mask(mask_ref, mode="update")
     opt_sh.set_mask(mask_sh, mode="update")
     scales: dict[str, list] = {"ref": [], "sh": []}
+    from fastclu.ops.reference.combine import clip_scale
+
     for key, opt in (("ref", opt_ref), ("sh", opt_sh)):
-        orig = opt._clip_scale
+        orig = opt._clip_gram
 
         def spy(*a, _orig=orig, _key=key, **kw):
-            s = _orig(*a, **kw)
-            scales[_key].append(float(s))
-            return s
+            # the global gram the fused step reads; its clip factor by the contract's formula
+            g = _orig(*a, **kw)
+            scales[_key].append(float(clip_scale(1.0, g, [1.0, -0.5], 0.05, None)))
+            return g
 
-        opt._clip_scale = spy
+        opt._clip_gram = spy
     fb, rb = global_batches(10, seed=4), global_batches(10, seed=5)
     fb_l, rb_l = shard_batches(fb, rank, world), shard_batches(rb, rank, world)
     for t in range(10):

@@ -288,6 +288,18 @@ CASES: list[Case] = [
     ("combine_mask_2d", lambda: _combine(mask=[_mask()[0].reshape(1, 2), _mask()[1]]), ValueError, "mask[0]"),
     ("combine_mask_2d_t", lambda: _combine(mask=[_mask()[0].reshape(2, 1), _mask()[1]]), ValueError, "mask[0]"),
     ("combine_mask_0d", lambda: _combine(mask=[_mask()[0], _mask()[1].reshape(())]), ValueError, "mask[1]"),
+    ("combine_clip_gram_shape", lambda: _combine(clip_gram=torch.rand(2, 2)), ValueError, "clip_gram"),
+    ("combine_clip_gram_type", lambda: _combine(clip_gram=[[1.0]]), ValueError, "clip_gram"),
+    (
+        "combine_clip_gram_fp64",
+        lambda: _combine(clip_gram=torch.rand(1, 1, dtype=torch.float64)),
+        TypeError,
+        "clip_gram",
+    ),
+    ("combine_clip_gram_device", lambda: _combine(clip_gram=torch.empty(1, 1, device="meta")), ValueError, "clip_gram"),
+    ("combine_clip_zero", lambda: _combine(clip_gram=torch.rand(1, 1), clip=0.0), ValueError, "clip"),
+    ("combine_clip_nan", lambda: _combine(clip_gram=torch.rand(1, 1), clip=float("nan")), ValueError, "clip"),
+    ("combine_clip_type", lambda: _combine(clip_gram=torch.rand(1, 1), clip="1"), TypeError, "clip"),
     ("gram_mask_2d", lambda: _gram([P()], mask=[_mask()[0].reshape(2, 1), _mask()[1]]), ValueError, "mask[0]"),
     (
         "combine_state_shape",

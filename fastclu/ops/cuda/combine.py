@@ -86,6 +86,8 @@ def combine_step_(
     found_inf: Tensor | None,
     restore_from: list[Tensor] | None,
     maximize: bool,
+    clip_gram: Tensor | None = None,
+    clip: Scalar = 1.0,
     **hparams: object,
 ) -> None:
     """One launch per step over every parameter (after an optional tiny step-counter update).
@@ -137,7 +139,10 @@ def combine_step_(
         t = build_table(
             op, operands, dev, pointer_operands=(int(CombineRow.STEP),), dynamic=TABLES["combine_step"].dynamic
         )
-        scal = {name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty))}
+        scal = {
+            name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty), ("clip", clip))
+        }
+        gram = None if clip_gram is None else clip_gram.contiguous()
         coeff = [scalar(c, dev) for c in coeffs]
         gs = scalar(grad_scale, dev) if grad_scale is not None else None
         bits = sum(1 << r for r, f in enumerate(masked) if f) if mask is not None else 0
@@ -148,9 +153,10 @@ def combine_step_(
             "scale": scal["scale"].pair, "penalty": scal["penalty"].pair,
             "grad_scale": gs.pair if gs is not None else (1.0, 0), "has_grad_scale": gs is not None,
             "coeffs": [c.pair for c in coeff], "found_inf_ptr": fi_ptr, "step_mode": step_mode, "step": step,
+            "clip_gram_ptr": 0 if gram is None else gram.data_ptr(), "clip": scal["clip"].pair,
             "steps_ptr": 0 if steps_arr is None else steps_arr.data_ptr(),
         }  # fmt: skip
         _C.combine_step(*t.args, config, stream_of(dev))
         # Tensors whose addresses the launch uses stay referenced until here (stream-ordered reuse
         # by the caching allocator makes freeing them afterwards safe).
-        del scal, coeff, gs, fi_keep, steps_arr
+        del scal, coeff, gs, fi_keep, steps_arr, gram

@@ -133,6 +133,8 @@ def combine_step_(
     found_inf: Tensor | None,
     restore_from: list[Tensor] | None,
     maximize: bool,
+    clip_gram: Tensor | None = None,
+    clip: Scalar = 1.0,
     **hparams: object,
 ) -> None:
     """See :func:`fastclu.ops.combine_step_` (the contract); this is its specification in PyTorch.
@@ -140,6 +142,8 @@ def combine_step_(
     The formulation (foreach or single-tensor) is chosen as the module docstring says.
     """
     cfg = StepConfig(rule, lr, maximize, **hparams)  # type: ignore[arg-type]
+    if clip_gram is not None:
+        scale = clip_scale(scale, clip_gram, coeffs, clip, grad_scale)
     gate = [bool(f) and mask_mode == "grad" for f in masked]
     prologue = _Prologue(grads, list(coeffs), scale, mask, gate, mask_mode, penalty, importance, anchor, grad_scale)
     prologue.shapes = [p.shape for p in params]
@@ -147,6 +151,29 @@ def combine_step_(
         _step_foreach(params, state, cfg, prologue, found_inf, restore_from)
     else:
         _step_single(params, state, cfg, prologue, found_inf, restore_from)
+
+
+def clip_scale(
+    scale: Scalar, gram: Tensor, coeffs: Sequence[Scalar], clip: Scalar, grad_scale: Tensor | None
+) -> Tensor:
+    """``scale * clip_factor`` as a 0-d fp32 tensor on the gram's device (no host read).
+
+    The contract's formula: fp64 throughout, the coefficients as the kernels read them (fp32),
+    ``norm = sqrt(max(c^T G c, 0)) / grad_scale``, ``min(1, clip / (norm + 1e-6))`` with NaN
+    kept (``torch.clamp`` propagates it), then fp32 and the product with ``scale`` in fp32.
+    Numbers enter as fills (``new_full``: a kernel scalar, no host-to-device copy).
+    """
+    dev = gram.device
+    c = torch.stack([x.to(dev, torch.float32).reshape(()) if isinstance(x, Tensor)
+                     else gram.new_full((), x, dtype=torch.float32) for x in coeffs]).double()  # fmt: skip
+    norm = (c @ gram.to(torch.float64) @ c).clamp_min(0.0).sqrt()
+    if grad_scale is not None:
+        norm = norm / grad_scale.to(dev, torch.float64).reshape(())
+    bound = clip.to(dev, torch.float64).reshape(()) if isinstance(clip, Tensor) else clip
+    factor = (bound / (norm + 1e-6)).clamp(max=1.0).to(torch.float32)
+    if _is(scale, 1.0):
+        return factor
+    return factor * (scale.to(dev, torch.float32).reshape(()) if isinstance(scale, Tensor) else scale)
 
 
 class _Prologue:

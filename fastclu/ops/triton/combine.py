@@ -77,14 +77,44 @@ def _role(
     return x * c
 
 
+@helper
+def _pick(c0, c1, c2, c3, r: tl.constexpr):
+    x = c0
+    if r == 1:
+        x = c1
+    if r == 2:
+        x = c2
+    if r == 3:
+        x = c3
+    return x
+
+
+@helper
+def _clip_factor(cg_ptr, c0, c1, c2, c3, cl_ptr, cl_hi, cl_lo, CL_T: tl.constexpr, gs_ptr, HAS_GS: tl.constexpr,
+                 R: tl.constexpr):  # fmt: skip
+    """``min(1, clip / (sqrt(max(c^T G c, 0)) / grad_scale + 1e-6))`` in fp64 (the contract's formula)."""
+    n2 = tl.cast(0.0, tl.float64)
+    for r in tl.static_range(R):
+        v = tl.cast(0.0, tl.float64)
+        for q in tl.static_range(R):
+            v += _pick(c0, c1, c2, c3, q).to(tl.float64) * tl.load(cg_ptr + q * R + r).to(tl.float64)
+        n2 += v * _pick(c0, c1, c2, c3, r).to(tl.float64)
+    norm = tl.sqrt(tl.where(n2 < 0.0, 0.0, n2))  # not tl.maximum: a NaN must stay NaN
+    if HAS_GS:
+        norm = norm / tl.load(gs_ptr).to(tl.float64)
+    bound = tl.load(cl_ptr).to(tl.float64) if CL_T else f64(cl_hi, cl_lo)
+    f = bound / (norm + 1e-6)
+    return tl.where(f > 1.0, 1.0, f).to(tl.float32)  # a NaN norm stays NaN, as torch.clamp keeps it
+
+
 @triton.jit
 def _combine_kernel(
     tab, dyn, n_rows,
     lr_ptr, lr_val, lr_hi, lr_lo, c0_ptr, c0_val, c1_ptr, c1_val, c2_ptr, c2_val, c3_ptr, c3_val,
-    sc_ptr, sc_val, pen_ptr, pen_val, gs_ptr, fi_ptr, coef,
+    sc_ptr, sc_val, pen_ptr, pen_val, gs_ptr, fi_ptr, coef, cg_ptr, cl_ptr, cl_hi, cl_lo,
     h0, h0_lo, h1, h1_lo, h2, h2_lo, h3, h3_lo, h4, h4_lo, h5, h5_lo,
     blk0, LR_T: tl.constexpr, C0_T: tl.constexpr, C1_T: tl.constexpr, C2_T: tl.constexpr, C3_T: tl.constexpr,
-    SC_T: tl.constexpr, PEN_T: tl.constexpr,
+    SC_T: tl.constexpr, PEN_T: tl.constexpr, CLIP: tl.constexpr, CL_T: tl.constexpr,
     R: tl.constexpr, GATE0: tl.constexpr, GATE1: tl.constexpr, GATE2: tl.constexpr, GATE3: tl.constexpr,
     HAS_MASK: tl.constexpr, UPDATE: tl.constexpr, HAS_PEN: tl.constexpr, HAS_GS: tl.constexpr,
     HAS_FI: tl.constexpr, RESTORE: tl.constexpr, RULE: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -122,20 +152,21 @@ def _combine_kernel(
         theta_old = tl.load(pp + offs, mask=m, other=0.0)
     theta = theta_old.to(tl.float32)
 
-    g = _role(tab, dyn, LAYOUT, ROW_GRAD0, t, offs, m, bit, D0, GATE0, load_scalar(c0_ptr, c0_val, C0_T), ALIGN)
+    c0 = load_scalar(c0_ptr, c0_val, C0_T)
+    c1 = load_scalar(c1_ptr, c1_val, C1_T)
+    c2 = load_scalar(c2_ptr, c2_val, C2_T)
+    c3 = load_scalar(c3_ptr, c3_val, C3_T)
+    g = _role(tab, dyn, LAYOUT, ROW_GRAD0, t, offs, m, bit, D0, GATE0, c0, ALIGN)
     if R > 1:
-        g = g + _role(
-            tab, dyn, LAYOUT, ROW_GRAD0 + 1, t, offs, m, bit, D1, GATE1, load_scalar(c1_ptr, c1_val, C1_T), ALIGN
-        )
+        g = g + _role(tab, dyn, LAYOUT, ROW_GRAD0 + 1, t, offs, m, bit, D1, GATE1, c1, ALIGN)
     if R > 2:
-        g = g + _role(
-            tab, dyn, LAYOUT, ROW_GRAD0 + 2, t, offs, m, bit, D2, GATE2, load_scalar(c2_ptr, c2_val, C2_T), ALIGN
-        )
+        g = g + _role(tab, dyn, LAYOUT, ROW_GRAD0 + 2, t, offs, m, bit, D2, GATE2, c2, ALIGN)
     if R > 3:
-        g = g + _role(
-            tab, dyn, LAYOUT, ROW_GRAD0 + 3, t, offs, m, bit, D3, GATE3, load_scalar(c3_ptr, c3_val, C3_T), ALIGN
-        )
-    g = g * load_scalar(sc_ptr, sc_val, SC_T)
+        g = g + _role(tab, dyn, LAYOUT, ROW_GRAD0 + 3, t, offs, m, bit, D3, GATE3, c3, ALIGN)
+    sc = load_scalar(sc_ptr, sc_val, SC_T)
+    if CLIP:
+        sc = sc * _clip_factor(cg_ptr, c0, c1, c2, c3, cl_ptr, cl_hi, cl_lo, CL_T, gs_ptr, HAS_GS, R)
+    g = g * sc
     if HAS_GS:
         g = g / tl.load(gs_ptr).to(tl.float32)
     if HAS_PEN:
@@ -186,6 +217,8 @@ def combine_step_(
     found_inf: Tensor | None,
     restore_from: list[Tensor] | None,
     maximize: bool,
+    clip_gram: Tensor | None = None,
+    clip: float | Tensor = 1.0,
     **hparams: object,
 ) -> None:
     """Fused combination + the rule's step; see :func:`fastclu.ops.combine_step_` (the contract)."""
@@ -198,6 +231,8 @@ def combine_step_(
         grad_scale = grad_scale.to(dev)
     if found_inf is not None and found_inf.device != dev:
         found_inf = found_inf.to(dev)
+    if clip_gram is not None:
+        clip_gram = clip_gram.contiguous()
     R = len(grads)
     cfg = StepConfig(rule, lr, maximize, **hparams)  # type: ignore[arg-type]
     bufs = [None if k is None else state[k] for k in cfg.state_rows]
@@ -215,6 +250,8 @@ def combine_step_(
         lr_hi, lr_lo = split_double(lr_v)
         cs = [scalar_arg(c, dev, dummy) for c in coeffs] + [(dummy, 1.0, False)] * (4 - R)
         sc = scalar_arg(scale, dev, dummy)
+        cl = scalar_arg(clip, dev, dummy)
+        cl_hi, cl_lo = split_double(cl[1])
         pen = scalar_arg(penalty, dev, dummy)
         gsv = dummy if grad_scale is None else grad_scale
         fiv = dummy if found_inf is None else found_inf
@@ -227,8 +264,10 @@ def combine_step_(
                 *table_args(g),
                 lr_p, lr_v, lr_hi, lr_lo, cs[0][0], cs[0][1], cs[1][0], cs[1][1], cs[2][0], cs[2][1],
                 cs[3][0], cs[3][1], sc[0], sc[1], pen[0], pen[1], gsv, fiv, dummy if coef is None else coef,
+                dummy if clip_gram is None else clip_gram, cl[0], cl_hi, cl_lo,
                 *slots,
                 LR_T=lr_t, C0_T=cs[0][2], C1_T=cs[1][2], C2_T=cs[2][2], C3_T=cs[3][2], SC_T=sc[2], PEN_T=pen[2],
+                CLIP=clip_gram is not None, CL_T=cl[2],
                 R=R, GATE0=gate[0], GATE1=gate[1], GATE2=gate[2], GATE3=gate[3],
                 HAS_MASK=mask is not None, UPDATE=mask_mode == "update", HAS_PEN=has_pen,
                 HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None, RESTORE=restore_from is not None,

@@ -22,7 +22,7 @@ from _kernel_cases import (
     random_masks,
 )
 
-from fastclu.ops import combine_step_
+from fastclu.ops import combine_step_, gram
 
 
 def _t(x: float) -> torch.Tensor:
@@ -61,6 +61,14 @@ CASES = [
      {"lr": 0.05, "apply_scaling": False, "threshold": 0.01, "grad_scale": _t(8.0), "found_inf": _t(0.0),
       "mask": True, "masked": [True, False, True, False]}),
     ("classp-found-inf-restore", "classp", 2, {"lr": 0.1, "restore": True, "found_inf": _t(1.0)}),
+    # the clip formed in the kernel from the roles' gram ("gram": ops.gram of the case's grads)
+    ("sgd-clip-mask", "sgd", 2, {"lr": 0.1, "momentum": 0.9, "mask": True, "coeffs": [-25.0, 1.0], "gram": True,
+                                 "clip": 0.5}),
+    ("adamw-clip-tensors-amp-scale", "adamw", 3,
+     {"lr": 1e-2, "gram": True, "clip": _t(0.3), "grad_scale": _t(64.0), "found_inf": _t(0.0), "scale": 0.7,
+      "coeffs": [_t(2.0), 1.0, -1.0], "mask": True, "masked": [True, False, False]}),
+    ("classp-clip-4roles", "classp", 4, {"lr": 0.1, "threshold": 0.0, "gram": True, "clip": 1e-3}),
+    ("adamw-clip-inactive", "adamw", 1, {"lr": 1e-2, "gram": True, "clip": 1e6}),
 ]  # fmt: skip
 
 
@@ -84,6 +92,8 @@ def _inputs(rule: str, R: int, opts: dict, sizes: list[int], dtype: torch.dtype)
         opts.setdefault("penalty", 0.3)
     if opts.pop("restore", False):
         opts["restore_from"] = randn(sizes, dtype)
+    if opts.pop("gram", False):
+        opts["clip_gram"] = gram(grads, mask=opts.get("mask"), masked=opts.get("masked"), backend="reference")
     return params, grads, state, opts
 
 
@@ -234,3 +244,13 @@ def test_combine_adamw_step_counter_at_fp32_limit(backend: str) -> None:
     combine_step_(p, grads, s, rule="adamw", backend=backend, found_inf=torch.tensor(1.0, device=DEVICE), **opts)
     assert [float(x) for x in s["step"]] == [float(2**24)] * 2
     assert_equal(p, out[backend][0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_combine_clip_gram_nan_poisons_every_weight(backend: str) -> None:
+    """A NaN gram gives a NaN clip factor (torch.clamp keeps NaN): not a max() that drops it."""
+    need(backend)
+    params, grads = randn(SIZES), [randn(SIZES)]
+    combine_step_(params, grads, {}, rule="sgd", lr=0.1, clip_gram=torch.full((1, 1), float("nan"), device=DEVICE),
+                  clip=1.0, backend=backend)  # fmt: skip
+    assert all(bool(p.isnan().all()) for p in params if p.numel())

@@ -323,3 +323,33 @@ def test_bad_input_leaves_state_untouched():
     with pytest.raises(ValueError, match="coeffs"):
         ops.combine_step_(params, [_rand()], {}, rule="sgd", lr=0.1, coeffs=[1.0, 2.0], backend="reference")
     assert _same(params, before)
+
+
+@pytest.mark.parametrize("tensor_clip", [False, True])
+def test_clip_gram_is_clip_grad_norm_of_the_combination(tensor_clip: bool) -> None:
+    """``clip_gram=`` + ``clip=``: the factor of torch's clip_grad_norm_ on the unscaled masked
+    combination, checked against float64 from the raw tensors (SGD, lr 1: the step is the gradient)."""
+    params, roles = _rand(), [_rand(), _rand()]
+    bools, masks = _rand_mask()
+    coeffs, gs, clip = [-3.0, 1.0], torch.tensor(4.0), 0.2
+    comb = [(coeffs[0] * torch.where(b, g0.double(), 0.0) + coeffs[1] * g1.double()) / 4.0
+            for b, g0, g1 in zip(bools, *roles)]  # fmt: skip
+    norm = math.sqrt(sum(float((x * x).sum()) for x in comb))
+    factor = min(1.0, clip / (norm + 1e-6))
+    assert factor < 0.5  # the clip is active
+    want = [p.double() - factor * x for p, x in zip(params, comb)]
+    gram = ops.gram(roles, mask=masks, masked=[True, False], backend="reference")
+    got = _clone(params)
+    ops.combine_step_(got, roles, {}, rule="sgd", lr=1.0, coeffs=coeffs, mask=masks, masked=[True, False],
+                      grad_scale=gs, clip_gram=gram, clip=torch.tensor(clip) if tensor_clip else clip,
+                      backend="reference")  # fmt: skip
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_gram_nan_poisons_every_weight() -> None:
+    # torch's clip_grad_norm_ (error_if_nonfinite=False) multiplies by a NaN factor: so does the step
+    params, roles = _rand(), [_rand()]
+    gram = torch.full((1, 1), float("nan"))
+    ops.combine_step_(params, roles, {}, rule="sgd", lr=0.1, clip_gram=gram, clip=1.0, backend="reference")
+    assert all(bool(p.isnan().all()) for p in params if p.numel())
