@@ -58,6 +58,7 @@ fastclu::CombineConfig make_config(const py::dict& d) {
   c.found_inf_ptr = get("found_inf_ptr").cast<uint64_t>();
   c.clip_gram_ptr = get("clip_gram_ptr").cast<uint64_t>();
   c.has_clip = c.clip_gram_ptr != 0;
+  c.clip_out_ptr = get("clip_out_ptr").cast<uint64_t>();
   scal("clip", c.clip, c.clip_ptr);
   c.step_mode = get("step_mode").cast<int>();
   c.step = get("step").cast<double>();

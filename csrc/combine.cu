@@ -13,23 +13,6 @@ namespace fastclu {
 
 namespace {
 
-// The clip factor of the contract (fastclu.ops.combine_step_), in fp64, once per thread:
-// min(1, clip / (sqrt(max(c^T G c, 0)) / grad_scale + 1e-6)), NaN kept (comparisons, not fmax).
-__device__ float clip_factor(const CombineArgs& a) {
-  const int n = a.n_roles;
-  double n2 = 0;
-  for (int r = 0; r < n; ++r) {
-    double v = 0;
-    for (int q = 0; q < n; ++q) v = __dadd_rn(v, __dmul_rn(a.coeff[q].get(), a.clip_gram[q * n + r]));
-    n2 = __dadd_rn(n2, __dmul_rn(v, a.coeff[r].get()));
-  }
-  double norm = sqrt(n2 < 0 ? 0.0 : n2);
-  if (a.has_grad_scale) norm = norm / static_cast<double>(a.grad_scale.get());
-  const double bound = a.clip_ptr ? static_cast<double>(*a.clip_ptr) : a.clip_host;
-  const double f = bound / (norm + 1e-6);
-  return static_cast<float>(f > 1.0 ? 1.0 : f);
-}
-
 template <class Rule>
 struct CombineOp {
   using Ctx = typename Rule::Ctx;
@@ -37,8 +20,7 @@ struct CombineOp {
 
   __device__ Ctx prepare(const Chunk& ch) const { return Rule::prepare(a, ch, a.lr.get()); }
 
-  // s: the scale (times the clip factor), formed once per thread by the kernel
-  __device__ void operator()(const Chunk& ch, const Ctx& cx, float s, int64_t j, int cnt, bool vec) const {
+  __device__ void operator()(const Chunk& ch, const Ctx& cx, int64_t j, int cnt, bool vec) const {
     float theta[8], g[8], tmp[8];
     load8(ch.ptr(a.has_restore ? kRestore : kParam), ch.dtype(a.has_restore ? kRestore : kParam), j, cnt, vec, theta);
     // The reference restores first (params.copy_(restore_from)), so theta is restore_from rounded
@@ -59,6 +41,7 @@ struct CombineOp {
         g[k] = r == 0 ? term : __fadd_rn(g[k], term);  // 0 + x would turn -0.0 into +0.0
       }
     }
+    const float s = a.scale.get();
     const float gs = a.has_grad_scale ? a.grad_scale.get() : 1.f;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -111,7 +94,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Table t, CombineOp<Ru
     }
     return;
   }
-  const float s = op.a.clip_gram ? __fmul_rn(op.a.scale.get(), clip_factor(op.a)) : op.a.scale.get();
   for (int64_t c = blockIdx.x; c < t.n_chunks; c += gridDim.x) {
     const Chunk ch = locate(t, c);
     const bool vec = all_aligned(ch, t.n_ops);
@@ -120,9 +102,38 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Table t, CombineOp<Ru
       const int64_t j = ch.begin + 8 * static_cast<int64_t>(o);
       if (j >= ch.numel) break;
       const int64_t left = ch.numel - j;
-      op(ch, ctx, s, j, left < 8 ? static_cast<int>(left) : 8, vec);
+      op(ch, ctx, j, left < 8 ? static_cast<int>(left) : 8, vec);
     }
   }
+}
+
+// The clip factor of the contract (fastclu.ops.combine_step_), in fp64, by one thread, into the
+// scratch scalar the step then reads as its scale: min(1, clip / (sqrt(max(c^T G c, 0)) / gs +
+// 1e-6)), NaN kept (comparisons, not fmax). A launch of its own rather than a prologue of the
+// fused kernel: there, its fp64 work cost AdamW's kernel registers (80 -> 87) or spills (sm_90).
+struct ClipArgs {
+  const float* gram;
+  int n;
+  Scal coeff[4], scale, grad_scale;
+  bool has_grad_scale;
+  double clip_host;
+  const float* clip_ptr;
+  float* out;
+};
+
+__global__ void clip_scale_kernel(ClipArgs c) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double n2 = 0;
+  for (int r = 0; r < c.n; ++r) {
+    double v = 0;
+    for (int q = 0; q < c.n; ++q) v = __dadd_rn(v, __dmul_rn(c.coeff[q].get(), c.gram[q * c.n + r]));
+    n2 = __dadd_rn(n2, __dmul_rn(v, c.coeff[r].get()));
+  }
+  double norm = sqrt(n2 < 0 ? 0.0 : n2);
+  if (c.has_grad_scale) norm = norm / static_cast<double>(c.grad_scale.get());
+  const double bound = c.clip_ptr ? static_cast<double>(*c.clip_ptr) : c.clip_host;
+  const double f = bound / (norm + 1e-6);
+  *c.out = __fmul_rn(c.scale.get(), static_cast<float>(f > 1.0 ? 1.0 : f));
 }
 
 Scal scal_of(double v, uint64_t p) { return as_scal(v, p); }
@@ -180,9 +191,22 @@ void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, co
   a.grad_scale = scal_of(cfg.grad_scale, cfg.grad_scale_ptr);
   for (int r = 0; r < 4; ++r) a.coeff[r] = scal_of(cfg.coeff[r], cfg.coeff_ptr[r]);
   a.found_inf = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.found_inf_ptr));
-  a.clip_gram = cfg.has_clip ? reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.clip_gram_ptr)) : nullptr;
-  a.clip_host = cfg.clip;
-  a.clip_ptr = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.clip_ptr));
+  if (cfg.has_clip) {  // the clip factor first, into the scratch scalar the step reads as its scale
+    if (cfg.clip_out_ptr == 0) fail(op, "a clip needs clip_out_ptr");
+    ClipArgs c{};
+    c.gram = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.clip_gram_ptr));
+    c.n = cfg.n_roles;
+    for (int r = 0; r < 4; ++r) c.coeff[r] = a.coeff[r];
+    c.scale = a.scale;
+    c.grad_scale = a.grad_scale;
+    c.has_grad_scale = a.has_grad_scale;
+    c.clip_host = cfg.clip;
+    c.clip_ptr = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.clip_ptr));
+    c.out = reinterpret_cast<float*>(static_cast<uintptr_t>(cfg.clip_out_ptr));
+    FASTCLU_LAUNCH(clip_scale_kernel, 1, 1, 0, as_stream(stream))(c);
+    check_launch(op);
+    a.scale = as_scal(0, cfg.clip_out_ptr);
+  }
   a.step_mode = cfg.step_mode;
   a.step = cfg.step;
   a.steps = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.steps_ptr));

@@ -31,10 +31,6 @@ struct CombineArgs {
   Scal lr, scale, penalty, grad_scale;
   Scal coeff[4];
   const float* found_inf;
-  // the clip (CombineConfig::has_clip): gram and bound; the bound as a double when it is a host value
-  const float* clip_gram;
-  double clip_host;
-  const float* clip_ptr;
   // per-tensor step counters (rules that keep them): see CombineConfig::step_mode
   int step_mode;
   double step;

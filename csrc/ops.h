@@ -94,9 +94,10 @@ struct CombineConfig {
   double coeff[4] = {1, 1, 1, 1}; uint64_t coeff_ptr[4] = {0, 0, 0, 0};
   double grad_scale = 1; uint64_t grad_scale_ptr = 0; bool has_grad_scale = false;
   uint64_t found_inf_ptr = 0;
-  // The global-norm clip formed in the kernel: an [n_roles, n_roles] fp32 gram (row-major) and
-  // the bound; scale is multiplied by min(1, clip / (sqrt(c^T G c) / grad_scale + 1e-6)).
-  bool has_clip = false; uint64_t clip_gram_ptr = 0;
+  // The global-norm clip, formed on the device before the step (its own one-thread launch): an
+  // [n_roles, n_roles] fp32 gram (row-major) and the bound; scale * min(1, clip / (sqrt(c^T G c)
+  // / grad_scale + 1e-6)) is written to the fp32 scratch at clip_out_ptr, which the step reads.
+  bool has_clip = false; uint64_t clip_gram_ptr = 0, clip_out_ptr = 0;
   double clip = 1; uint64_t clip_ptr = 0;
   // Step counters of a rule that keeps them: 0 one host value for every tensor, 1 fp32 device
   // array indexed by tensor index, 2 each row's operand 12 points to the (already incremented)

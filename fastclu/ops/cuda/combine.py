@@ -143,6 +143,8 @@ def combine_step_(
             name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty), ("clip", clip))
         }
         gram = None if clip_gram is None else clip_gram.contiguous()
+        # the clip factor's scratch: written by the clip launch, read by the step (stream-ordered)
+        clip_out = None if gram is None else torch.empty((), dtype=torch.float32, device=gram.device)
         coeff = [scalar(c, dev) for c in coeffs]
         gs = scalar(grad_scale, dev) if grad_scale is not None else None
         bits = sum(1 << r for r, f in enumerate(masked) if f) if mask is not None else 0
@@ -154,9 +156,10 @@ def combine_step_(
             "grad_scale": gs.pair if gs is not None else (1.0, 0), "has_grad_scale": gs is not None,
             "coeffs": [c.pair for c in coeff], "found_inf_ptr": fi_ptr, "step_mode": step_mode, "step": step,
             "clip_gram_ptr": 0 if gram is None else gram.data_ptr(), "clip": scal["clip"].pair,
+            "clip_out_ptr": 0 if clip_out is None else clip_out.data_ptr(),
             "steps_ptr": 0 if steps_arr is None else steps_arr.data_ptr(),
         }  # fmt: skip
         _C.combine_step(*t.args, config, stream_of(dev))
         # Tensors whose addresses the launch uses stay referenced until here (stream-ordered reuse
         # by the caching allocator makes freeing them afterwards safe).
-        del scal, coeff, gs, fi_keep, steps_arr, gram
+        del scal, coeff, gs, fi_keep, steps_arr, gram, clip_out
