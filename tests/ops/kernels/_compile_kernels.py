@@ -86,7 +86,8 @@ def cases(full: bool) -> list[tuple[object, dict]]:
         for rule in RULES:
             flags = RULE_CONFIGS[rule].flags
             out.append((combine._combine_kernel, dict(
-                LR_T=True, C0_T=True, C1_T=False, C2_T=False, C3_T=False, SC_T=True, PEN_T=False, R=2, GATE0=True,
+                LR_T=True, C0_T=True, C1_T=False, C2_T=False, C3_T=False, SC_T=True, PEN_T=False, CLIP=True,
+                CL_T=False, R=2, GATE0=True,
                 GATE1=False, GATE2=False, GATE3=False, HAS_MASK=True, UPDATE=True, HAS_PEN=True, HAS_GS=True,
                 HAS_FI=True, RESTORE=True, RULE=update_of(rule), MAXIMIZE=True, F0=flags[0], F1=flags[1],
                 F2=flags[2], F3=flags[3], DP=f16, D0=f32, D1=f16, D2=f32, D3=f32, DB0=f32, DB1=f32, DB2=f32,
