@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastclu._registry import register
-from fastclu.ops.reference._util import mask_words, select_list
+from fastclu.ops.reference._util import mask_words, select, select_list
 
 
 @register("gram", "reference")
@@ -42,7 +42,10 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     for r, role in enumerate(grads):
         row = [g if g.dtype == dtype else g.to(dtype) for g in role]
         if keep is not None and masked[r]:
-            row = select_list(row, keep, take=False)
+            if all(x is g for x, g in zip(row, role)):
+                row = select_list(row, keep, take=False)
+            else:  # cast copies: no later step reads these objects
+                row = [select(x, k) for x, k in zip(row, keep)]
         rows.append([g.reshape(-1) for g in row])
     pairs = [(r, s) for r in range(n_roles) for s in range(r, n_roles)]
     # partials[i, k]: tensor i's inner product for pair k, summed over i (in this order) below.

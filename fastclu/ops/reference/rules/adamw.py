@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from fastclu.ops.reference import _util
 from fastclu.ops.rules import StepConfig
@@ -117,8 +118,6 @@ def fused_eligible(
     no device sync, but not under tracing, nor where the host reads are switched off
     (``_util.HOST_READS``).
     """
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
     if device.type not in _FUSED_DEVICES or device.type not in _get_fused_kernels_supported_devices():
         return False
     if torch.compiler.is_compiling() or (device.type == "cpu" and not _util.HOST_READS):
@@ -126,6 +125,8 @@ def fused_eligible(
     lr = cfg.lr
     if isinstance(lr, Tensor) and (lr.dtype != torch.float32 or lr.numel() != 1):
         return False
+    if any(isinstance(x, Tensor) for x in (*cfg.betas, cfg.weight_decay, cfg.eps)):
+        return False  # the kernel takes these as doubles: no host read of a tensor
     if steps is None or not all(s.dtype == torch.float32 and s.device == device and s.dim() == 0 for s in steps):
         return False
     lists = [thetas, *bufs.values()]
@@ -158,9 +159,9 @@ def update_fused(
     beta1, beta2 = cfg.betas
     lr = cfg.lr
     if isinstance(lr, Tensor):
-        lr = lr.reshape(()).to(device)
+        lr = lr.reshape(()).to(device, non_blocking=True)  # as torch's _fused_adam moves it
     # The kernels skip only on found_inf == 1.0 (an fp32 tensor): any nonzero value means skip here.
-    skip = None if found_inf is None else found_inf.reshape(()).to(device).ne(0).to(torch.float32)
+    skip = None if found_inf is None else found_inf.reshape(()).to(device, non_blocking=True).ne(0).float()
     gs = [g if g.is_contiguous() else g.contiguous() for g in gs]
     torch._foreach_add_(steps, 1.0)
     torch._fused_adamw_(
