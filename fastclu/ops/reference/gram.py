@@ -49,9 +49,8 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
         rows.append([g.reshape(-1) for g in row])
     pairs = [(r, s) for r in range(n_roles) for s in range(r, n_roles)]
     # partials[i, k]: tensor i's inner product for pair k, summed over i (in this order) below.
-    partials = torch.stack(
-        [torch.stack([torch.dot(rows[r][i], rows[s][i]) for r, s in pairs]) for i in range(len(ref))]
-    )
+    partials = torch.stack([torch.dot(rows[r][i], rows[s][i]) for i in range(len(ref)) for r, s in pairs])
+    partials = partials.view(len(ref), len(pairs))
     upper = partials.to(torch.float64).sum(0).to(torch.float32)
     where = [pairs.index((min(r, s), max(r, s))) for r in range(n_roles) for s in range(n_roles)]
     return upper[torch.tensor(where, device=device)].reshape(n_roles, n_roles)
