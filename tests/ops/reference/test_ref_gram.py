@@ -111,3 +111,16 @@ def test_gram_hands_its_selection_to_the_combine_of_the_same_gradients(monkeypat
     _two_role_step([[g.clone() for g in r] for r in grads], mask, p_want, st_want)
     assert all(torch.equal(a, b) for a, b in zip(p_new, p_want))
     assert not torch.equal(p_new[4], p_alone[4])
+
+
+def test_an_unclaimed_selection_is_released_with_its_gradients():
+    grads = _grads(2, torch.float32)
+    mask = [ops.pack_bits(torch.rand(s) < 0.5) for s in SHAPES]
+    _util._SELECT_CACHE.clear()
+    ops.gram(grads, mask=mask, masked=[False, True], backend="reference")
+    assert len(_util._SELECT_CACHE) == 1
+    grads[1] = None  # the masked role's gradients are freed (as zero_grad does): so is the selection
+    assert len(_util._SELECT_CACHE) == 0
+    for _ in range(5):  # bounded however many grams go unclaimed
+        ops.gram(_grads(2, torch.float32), mask=mask, masked=[True, True], backend="reference")
+    assert len(_util._SELECT_CACHE) <= _util.SELECT_CACHE_SIZE
