@@ -8,7 +8,8 @@ kernel as a double) and up to :data:`N_FLAGS` integer switches (Triton constexpr
 implemented once per backend, in a file named after it:
 
 * ``fastclu/ops/reference/rules/<rule>.py``: ``update(theta, g, bufs, step, cfg)`` and
-  ``update_foreach(thetas, gs, bufs, steps, cfg)`` (PyTorch; the specification);
+  ``update_foreach(thetas, gs, bufs, steps, cfg)`` (PyTorch; the specification), optionally
+  ``update_fused`` + ``fused_eligible`` (a torch fused kernel that computes the rule, e.g. AdamW's);
 * ``fastclu/ops/triton/rules/<rule>.py``: a Triton function ``update`` (the kernel's constexpr
   ``RULE``), optionally a host hook ``prepare`` (per-tensor coefficients, e.g. AdamW's bias
   corrections);

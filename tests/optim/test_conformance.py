@@ -26,6 +26,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _unfused(monkeypatch):
+    # The bit-for-bit comparisons with torch's foreach=False step are about the reference's
+    # formulation without torch's fused kernel (test_parity.py checks it against fused=True).
+    monkeypatch.setenv("FASTCLU_REFERENCE_FUSED", "0")
+
+
 def _make(name, params, **over):
     cls, _, kw = OPTS[name]
     return cls(params, **{**kw, **over})

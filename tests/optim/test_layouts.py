@@ -11,6 +11,13 @@ import fastclu.optim as fo
 from fastclu.saliency import SaliencyMask
 
 
+@pytest.fixture(autouse=True)
+def _unfused(monkeypatch):
+    # The bit-for-bit comparisons with torch's foreach=False step are about the reference's
+    # formulation without torch's fused kernel (test_parity.py checks it against fused=True).
+    monkeypatch.setenv("FASTCLU_REFERENCE_FUSED", "0")
+
+
 def _cnn(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     net = torch.nn.Sequential(

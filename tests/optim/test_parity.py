@@ -1,7 +1,9 @@
 """Parity with torch.optim.SGD / AdamW (single-tensor path) on a small network for 50 steps.
 
-Reference backend: bit-identical over every argument combination. Kernel backends (GPU only):
-within rtol 1e-4 / atol 1e-5 of torch after 50 steps (fp32 kernels reassociate a few ops).
+Reference backend: bit-identical over every argument combination (its formulation without
+torch's fused kernel, ``FASTCLU_REFERENCE_FUSED=0``; with it, AdamW is bit-identical to torch's
+``fused=True`` step instead). Kernel backends (GPU only): within rtol 1e-4 / atol 1e-5 of torch
+after 50 steps (fp32 kernels reassociate a few ops).
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ def _groups(model, split):
     return [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02, "weight_decay": 0.003}]
 
 
-def _run(cls_ours, cls_torch, kw, *, split=False, dtype=torch.float32, device="cpu", backend="reference"):
+@pytest.fixture(autouse=True)
+def _unfused(monkeypatch):
+    # The claims below are about the reference's formulation without torch's fused kernel.
+    monkeypatch.setenv("FASTCLU_REFERENCE_FUSED", "0")
+
+
+def _run(cls_ours, cls_torch, kw, *, split=False, dtype=torch.float32, device="cpu", backend="reference",
+         torch_kw=None):  # fmt: skip
     m1 = _net(dtype, device)
     m2 = copy.deepcopy(m1)
     o1 = cls_ours(_groups(m1, split), backend=backend, **kw)
-    o2 = cls_torch(_groups(m2, split), foreach=False, **kw)
+    o2 = cls_torch(_groups(m2, split), **(torch_kw or {"foreach": False}), **kw)
     data = [(torch.randn(8, 6, dtype=dtype, device=device), torch.randint(0, 3, (8,), device=device))
             for _ in range(STEPS)]  # fmt: skip
     for x, y in data:
@@ -87,6 +96,15 @@ def test_sgd_bit_identical(kw):
 @pytest.mark.parametrize("kw", ADAMW_CASES, ids=_ids(ADAMW_CASES))
 def test_adamw_bit_identical(kw):
     _assert_identical(*_run(fo.AdamW, torch.optim.AdamW, kw))
+
+
+@pytest.mark.parametrize("kw", ADAMW_CASES, ids=_ids(ADAMW_CASES))
+@pytest.mark.parametrize("split", [False, True])
+def test_adamw_fused_bit_identical_to_torch_fused(kw, split, monkeypatch):
+    # With torch's fused kernel on (the default), the reference's fp32 AdamW step is torch's
+    # fused=True step, bit for bit.
+    monkeypatch.setenv("FASTCLU_REFERENCE_FUSED", "1")
+    _assert_identical(*_run(fo.AdamW, torch.optim.AdamW, kw, split=split, torch_kw={"fused": True}))
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])

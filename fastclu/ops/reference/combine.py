@@ -18,6 +18,17 @@ environment variable ``FASTCLU_REFERENCE_FOREACH`` (``1`` / ``0``), else automat
 when every parameter and gradient is a plain tensor (torch's ``_default_to_fused_or_foreach``
 rule, minus its device test: the point here is CPU speed) and the rule has an
 ``update_foreach``.
+
+Within the foreach formulation, a (device, dtype) group whose update a torch fused kernel
+computes exactly (the rule's ``fused_eligible``: today AdamW, fp32 parameters and state, CPU or
+CUDA, a mask mode other than ``"update"``, which needs the select-back) takes the rule's
+``update_fused`` instead of its ``update_foreach``: the same prologue, then one
+``torch._fused_adamw_`` (bit-identical to torch's ``fused=True`` step in the plain case; AMP's
+``found_inf`` is passed to the kernel, which then leaves everything untouched, instead of being
+selected back). On by default; off within a ``with fused(False):`` scope, else when the
+environment variable ``FASTCLU_REFERENCE_FUSED`` is ``0`` (``1`` or unset: on; ``fused(True)``
+overrides the variable's ``0``). It never changes which formulation runs: the single-tensor one
+(``foreach(False)``) never takes a fused kernel.
 """
 
 from __future__ import annotations
@@ -32,13 +43,15 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from fastclu._registry import register
-from fastclu.ops.reference._util import WORD, blend_, mask_bools, mask_words, select
-from fastclu.ops.reference.rules import update_foreach_of, update_of
+from fastclu.ops.reference._util import WORD, blend_, mask_bools, mask_words, select_list
+from fastclu.ops.reference.rules import update_foreach_of, update_fused_of, update_of
 from fastclu.ops.rules import StepConfig
 
 FOREACH_ENV = "FASTCLU_REFERENCE_FOREACH"
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
 _FORCED: ContextVar[bool | None] = ContextVar("fastclu_reference_foreach", default=None)
+FUSED_ENV = "FASTCLU_REFERENCE_FUSED"
+_FUSED: ContextVar[bool | None] = ContextVar("fastclu_reference_fused", default=None)
 
 
 @contextlib.contextmanager
@@ -50,6 +63,28 @@ def foreach(flag: bool | None) -> Iterator[None]:
         yield
     finally:
         _FORCED.reset(token)
+
+
+@contextlib.contextmanager
+def fused(flag: bool | None) -> Iterator[None]:
+    """Within the scope, the foreach formulation of the reference ``combine_step_`` takes a torch
+    fused kernel for the groups it computes exactly (True) or never (False); None: the
+    environment variable, else on."""
+    token = _FUSED.set(flag)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
+def _use_fused() -> bool:
+    flag = _FUSED.get()
+    if flag is not None:
+        return flag
+    env = os.environ.get(FUSED_ENV, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{FUSED_ENV} must be '0', '1' or unset, got {env!r}")
+    return env != "0"
 
 
 Scalar = float | Tensor
@@ -268,39 +303,68 @@ def _works(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
 
 def _combined_grads(
     idx: list[int], pro: _Prologue, dtype: torch.dtype, device: torch.device
-) -> tuple[list[Tensor], bool]:
-    """The group's combined gradients and whether they are scratch (safe to modify in place).
+) -> tuple[list[Tensor], bool, float]:
+    """``(g, owned, sign)``: the group's combined gradients are ``sign * g`` (``sign`` is +-1.0);
+    ``owned``: ``g`` is scratch (safe to modify in place).
 
-    The math of :func:`_combined_grad`, never modifying an input gradient, with fewer passes:
-    roles whose coefficient is exactly 1.0 come first, and a float coefficient is fused into its
-    addition (``add(alpha=c)``, one rounding instead of two): within rounding of the
-    single-tensor sum, equal to it for one role or coefficients of +-1.
+    The math of :func:`_combined_grad`, never modifying an input gradient, with fewer passes and
+    fresh allocations: roles whose coefficient is exactly 1.0 come first; a float coefficient is
+    fused into its addition (``add(alpha=c)``, one rounding instead of two); a coefficient of
+    -1.0 is kept aside as the sign, and a role's fresh selection (a masked role) takes the sum in
+    place (``x + g``, or ``x - g`` with the sign flipped, for ``g + x`` / ``g - x``), so no new
+    gradient-sized tensor is allocated for it. Within rounding of the single-tensor sum, equal to
+    it (up to the sign of an exact zero) for one role or coefficients of +-1. The clip scale is
+    applied here, with the sign folded into it.
     """
     g: list[Tensor] | None = None
     owned = False
+    sign = 1.0
     words = pro.words(dtype) if any(pro.gate) else None
     order = sorted(range(len(pro.grads)), key=lambda r: not _is(pro.coeffs[r], 1.0))
     for r in order:
         x, fresh = _works([pro.grads[r][i] for i in idx], dtype)
         if words is not None and pro.gate[r]:
-            x, fresh = [select(t, words[i]) for i, t in zip(idx, x)], True
+            # Taken: gram's selection of the same gradients under the same mask, when it left one.
+            x, fresh = select_list(x, [words[i] for i in idx], take=True), True
         c = _on(pro.coeffs[r], device)
-        if g is not None and isinstance(c, float):
-            if owned:
-                torch._foreach_add_(g, x, alpha=c)
-            else:
-                g, owned = torch._foreach_add(g, x, alpha=c), True
-            continue
-        if not _is(c, 1.0):
-            x, fresh = _scaled(x, fresh, torch._foreach_mul, torch._foreach_mul_, c)
+        unit = isinstance(c, float) and abs(c) == 1.0
         if g is None:
-            g, owned = x, fresh
+            if unit:
+                g, owned, sign = x, fresh, c
+            else:
+                g, owned = _scaled(x, fresh, torch._foreach_mul, torch._foreach_mul_, c)
+            continue
+        if isinstance(c, float):
+            k = sign * c  # sign * g + c * x = sign * (g + k * x)
+            if owned:
+                torch._foreach_add_(g, x, alpha=k)
+            elif fresh and abs(k) == 1.0:
+                if k == 1.0:
+                    torch._foreach_add_(x, g)
+                else:  # g - x = -(x - g)
+                    torch._foreach_sub_(x, g)
+                    sign = -sign
+                g, owned = x, True
+            else:
+                g, owned = torch._foreach_add(g, x, alpha=k), True
+            continue
+        x, _ = _scaled(x, fresh, torch._foreach_mul, torch._foreach_mul_, c)  # sign * g + x
+        if owned:
+            torch._foreach_add_(g, x, alpha=sign)
         else:
-            g, owned = _scaled(g, owned, torch._foreach_add, torch._foreach_add_, x)
+            if sign == 1.0:
+                torch._foreach_add_(x, g)
+            else:
+                torch._foreach_sub_(x, g)
+                sign = 1.0
+            g, owned = x, True
     assert g is not None
     if not _is(pro.scale, 1.0):
-        g, owned = _scaled(g, owned, torch._foreach_mul, torch._foreach_mul_, _on(pro.scale, device))
-    return g, owned
+        sc = _on(pro.scale, device)
+        if sign == -1.0:  # x * -s is exactly -(x * s)
+            sc, sign = -sc, 1.0
+        g, owned = _scaled(g, owned, torch._foreach_mul, torch._foreach_mul_, sc)
+    return g, owned, sign
 
 
 def _scaled(g: list[Tensor], owned: bool, op: Callable, op_: Callable, x: Scalar) -> tuple[list[Tensor], bool]:
@@ -313,16 +377,28 @@ def _scaled(g: list[Tensor], owned: bool, op: Callable, op_: Callable, x: Scalar
 def _final_grads(
     idx: list[int], thetas: list[Tensor], pro: _Prologue, cfg: StepConfig, dtype: torch.dtype, device: torch.device
 ) -> list[Tensor]:
-    g, owned = _combined_grads(idx, pro, dtype, device)
+    """The gradient the update reads, in the single-tensor order: the combination (times the clip
+    scale), unscaled by AMP's ``grad_scale``, plus the penalty, negated for ``maximize``. A
+    pending sign of the combination is folded into the first of these that multiplies, divides
+    or negates (exact), else applied at the end."""
+    g, owned, sign = _combined_grads(idx, pro, dtype, device)
     if pro.grad_scale is not None:
-        g, owned = _scaled(g, owned, torch._foreach_div, torch._foreach_div_, _on(pro.grad_scale, device))
+        gs = _on(pro.grad_scale, device)
+        if sign == -1.0:
+            gs, sign = -gs, 1.0
+        g, owned = _scaled(g, owned, torch._foreach_div, torch._foreach_div_, gs)
     if pro.penalty is not None:
         imp, _ = _works([pro.importance[i] for i in idx], dtype)
         anc, _ = _works([pro.anchor[i] for i in idx], dtype)
         term = torch._foreach_mul(imp, _on(pro.penalty, device))  # penalty * importance
         torch._foreach_mul_(term, torch._foreach_sub(thetas, anc))  # ... * (theta - anchor)
-        g, owned = _scaled(g, owned, torch._foreach_add, torch._foreach_add_, term)
+        if owned:  # sign * g + term = sign * (g + sign * term)
+            torch._foreach_add_(g, term, alpha=sign)
+        else:
+            g, owned = torch._foreach_add(g, term, alpha=sign), True
     if cfg.maximize:
+        sign = -sign
+    if sign == -1.0:
         g, owned = _scaled(g, owned, lambda xs, _: torch._foreach_neg(xs), lambda xs, _: torch._foreach_neg_(xs), None)
     return g
 
@@ -339,6 +415,7 @@ def _step_foreach(
     if not params:
         return
     update_foreach = update_foreach_of(cfg.rule)
+    fused_rule = update_fused_of(cfg.rule) if pro.mask_mode != "update" and _use_fused() else None
     keys = [k for k in cfg.state_keys if k != "step"]
     has_step = "step" in cfg.state_keys
     for (device, dtype), ((ps,), idx) in _group_tensors_by_device_and_dtype([params], with_indices=True).items():
@@ -346,6 +423,11 @@ def _step_foreach(
         thetas, _ = _works(ps, cd)
         bufs = {k: _works([state[k][i] for i in idx], cd)[0] for k in keys}
         steps = [state["step"][i] for i in idx] if has_step else None
+        if fused_rule is not None and dtype == cd and fused_rule.eligible(thetas, bufs, steps, cfg, device):
+            # thetas and bufs are the parameters and state themselves: nothing to write back.
+            g = _final_grads(idx, thetas, pro, cfg, cd, device)
+            fused_rule.update(thetas, g, bufs, steps, cfg, found_inf=found_inf)
+            continue
         # AMP without a host read: the step runs, then found_inf selects the old values back.
         keep = None if found_inf is None else _on(found_inf, device).reshape(()) == 0
         select = pro.mask_mode == "update" or keep is not None

@@ -14,6 +14,7 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
 from fastclu import ops
+from fastclu.ops.reference import combine as ref_combine
 
 SHAPES = [(7, 5), (13,), (), (0,), (3, 1, 4), (33,)]
 
@@ -41,11 +42,13 @@ def single_tensor(monkeypatch):
     monkeypatch.setenv("FASTCLU_REFERENCE_FOREACH", "0")
 
 
-@pytest.fixture(params=["single", "foreach"])
+@pytest.fixture(params=["single", "foreach", "fused"])
 def both_paths(request, monkeypatch):
-    """Each test below runs on both formulations of the reference (test_ref_combine_foreach.py
-    compares them with each other)."""
+    """Each test below runs on both formulations of the reference, the foreach one with and
+    without torch's fused kernel (test_ref_combine_foreach.py and test_ref_combine_fused.py
+    compare them with each other)."""
     monkeypatch.setenv("FASTCLU_REFERENCE_FOREACH", "0" if request.param == "single" else "1")
+    monkeypatch.setenv("FASTCLU_REFERENCE_FUSED", "1" if request.param == "fused" else "0")
 
 
 # ---------------------------------------------------------------------------------------- bit parity
@@ -293,7 +296,8 @@ def test_low_precision_params_math_in_fp32(dtype, rule):
     st = mk()
     st32 = {k: _clone(v) for k, v in st.items()}
     ops.combine_step_(params, [grads], st, rule=rule, lr=0.01, backend="reference", **kw)
-    ops.combine_step_(p32, [[g.float() for g in grads]], st32, rule=rule, lr=0.01, backend="reference", **kw)
+    with ref_combine.fused(False):  # an fp16 / bf16 group never takes torch's fused kernel: compare like with like
+        ops.combine_step_(p32, [[g.float() for g in grads]], st32, rule=rule, lr=0.01, backend="reference", **kw)
     assert all(p.dtype == dtype for p in params)
     assert _same(params, [p.to(dtype) for p in p32])
     for k in st:

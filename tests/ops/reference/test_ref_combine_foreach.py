@@ -7,6 +7,9 @@
   single-tensor formulation (the specification; test_ref_combine.py checks that one against
   torch's single-tensor step and an fp64 formula), on fresh random data;
 * no host read of a tensor (``aten._local_scalar_dense``) in the device formulas.
+
+All of it without torch's fused kernel (``FASTCLU_REFERENCE_FUSED=0``): test_ref_combine_fused.py
+checks that variant.
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.fixture
 def foreach_path(monkeypatch):
+    # The foreach formulation itself: without torch's fused kernel (test_ref_combine_fused.py).
     monkeypatch.setenv("FASTCLU_REFERENCE_FOREACH", "1")
+    monkeypatch.setenv("FASTCLU_REFERENCE_FUSED", "0")
 
 
 def _step(params, grads, state, foreach, **kw):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTCLU_REFERENCE_FOREACH", "1" if foreach else "0")
+        mp.setenv("FASTCLU_REFERENCE_FUSED", "0")
         ops.combine_step_(params, grads, state, backend="reference", **kw)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from fastclu.ops.reference import _util
 from fastclu.ops.rules import StepConfig
@@ -95,3 +96,90 @@ def update_foreach(
     torch._foreach_add_(denom, cfg.eps)
     torch._foreach_div_(denom, neg_step_size)
     torch._foreach_addcdiv_(thetas, exp_avgs, denom)
+
+
+# Device types whose fused AdamW kernel (``torch._fused_adamw_``) is known to compute this rule.
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_eligible(
+    thetas: list[Tensor],
+    bufs: dict[str, list[Tensor]],
+    steps: list[Tensor] | None,
+    cfg: StepConfig,
+    device: torch.device,
+) -> bool:
+    """Whether :func:`update_fused` computes this rule for the (device, dtype) group.
+
+    ``torch._fused_adamw_`` keeps its state in the parameters' dtype and reads flat memory, so:
+    fp32 parameters (fp16 / bf16 parameters have fp32 state here), every list fp32 and
+    contiguous, fp32 0-d counters on the group's device, a float or fp32 0-d tensor lr, a device
+    torch has the kernel for. Its CPU kernel reads the counters (and a tensor lr) on the host:
+    no device sync, but not under tracing, nor where the host reads are switched off
+    (``_util.HOST_READS``).
+    """
+    if device.type not in _FUSED_DEVICES or device.type not in _get_fused_kernels_supported_devices():
+        return False
+    if torch.compiler.is_compiling() or (device.type == "cpu" and not _util.HOST_READS):
+        return False
+    lr = cfg.lr
+    if isinstance(lr, Tensor) and (lr.dtype != torch.float32 or lr.numel() != 1):
+        return False
+    if any(isinstance(x, Tensor) for x in (*cfg.betas, cfg.weight_decay, cfg.eps)):
+        return False  # the kernel takes these as doubles: no host read of a tensor
+    if steps is None or not all(s.dtype == torch.float32 and s.device == device and s.dim() == 0 for s in steps):
+        return False
+    lists = [thetas, *bufs.values()]
+    return all(t.dtype == torch.float32 and t.device == device and t.is_contiguous() for ts in lists for t in ts)
+
+
+def update_fused(
+    thetas: list[Tensor],
+    gs: list[Tensor],
+    bufs: dict[str, list[Tensor]],
+    steps: list[Tensor],
+    cfg: StepConfig,
+    *,
+    found_inf: Tensor | None = None,
+) -> None:
+    """:func:`update_foreach` as one ``torch._fused_adamw_`` call, as torch.optim.adam._fused_adam
+    makes it (``fused=True``): the counters are incremented first, the kernel reads them.
+
+    Only for a group :func:`fused_eligible` accepts. ``gs`` is read, never written (no
+    ``grad_scale`` is passed: the kernel would write the unscaled gradient back). ``found_inf``
+    (a 0-d tensor, nonzero: skip): the kernel leaves parameters and moments untouched and the
+    counters' increment is taken back, as torch does; no host read. Within rounding of
+    :func:`update`: the kernel takes the bias corrections and ``lr * weight_decay`` in double
+    and updates each element in one pass, in its own op order (bit-identical to torch's
+    ``fused=True`` step, not to its foreach one).
+    """
+    if not thetas:
+        return
+    device = thetas[0].device
+    beta1, beta2 = cfg.betas
+    lr = cfg.lr
+    if isinstance(lr, Tensor):
+        lr = lr.reshape(()).to(device, non_blocking=True)  # as torch's _fused_adam moves it
+    # The kernels skip only on found_inf == 1.0 (an fp32 tensor): any nonzero value means skip here.
+    skip = None if found_inf is None else found_inf.reshape(()).to(device, non_blocking=True).ne(0).float()
+    gs = [g if g.is_contiguous() else g.contiguous() for g in gs]
+    torch._foreach_add_(steps, 1.0)
+    torch._fused_adamw_(
+        thetas,
+        gs,
+        bufs["exp_avg"],
+        bufs["exp_avg_sq"],
+        bufs["max_exp_avg_sq"] if cfg.amsgrad else [],
+        steps,
+        amsgrad=cfg.amsgrad,
+        lr=lr,
+        beta1=float(beta1),
+        beta2=float(beta2),
+        weight_decay=float(cfg.weight_decay),
+        eps=float(cfg.eps),
+        maximize=False,  # the prologue has already negated the gradient
+        grad_scale=None,
+        found_inf=skip,
+    )
+    if skip is not None:
+        torch._foreach_sub_(steps, [skip] * len(steps))
