@@ -99,49 +99,6 @@ def select(x: Tensor, w: Tensor) -> Tensor:
     return torch.bitwise_and(x.view(w.dtype), w).view(x.dtype)
 
 
-# Selections handed from ``gram`` to the ``combine_step_`` of the same step (the optimizer's clip
-# reads the gram of the masked role gradients, then the step combines the same gradients under the
-# same mask): (weakrefs to the inputs, their versions, weakrefs to the words, the selections). An
-# entry is used only while every input and word tensor is the same object and every input is at the
-# same ``_version``, so it is exactly what ``select`` would compute again. ``gram`` leaves its
-# selections here (it only reads them); ``combine_step_`` takes them (the entry is removed: the
-# combine may then write them in place). Bounded: at most SELECT_CACHE_SIZE role lists, and an
-# entry is dropped as soon as one of its inputs or words is freed (``zero_grad`` releases it), so
-# an unclaimed selection costs at most that many copies of a role's gradients while they live.
-_SELECT_CACHE: list[tuple[list[weakref.ref], list[int], list[weakref.ref], list[Tensor]]] = []
-SELECT_CACHE_SIZE = 2
-
-
-def _drop_dead(_ref: weakref.ref) -> None:
-    _SELECT_CACHE[:] = [e for e in _SELECT_CACHE if all(r() is not None for r in (*e[0], *e[2]))]
-
-
-def select_list(xs: list[Tensor], ws: list[Tensor], *, take: bool) -> list[Tensor]:
-    """``[select(x, w) for x, w in zip(xs, ws)]``, reusing a selection a previous call left.
-
-    ``take=False`` (read-only use): the result stays cached for the next caller and must not be
-    written. ``take=True``: the result is the caller's own (fresh or taken out of the cache).
-    """
-    versions = _versions(xs) if xs else None
-    if versions is not None:
-        for k, (refs, vers, wrefs, out) in enumerate(list(_SELECT_CACHE)):
-            if (
-                len(refs) == len(xs)
-                and vers == versions
-                and all(r() is x for r, x in zip(refs, xs))
-                and all(r() is w for r, w in zip(wrefs, ws))
-            ):
-                if take:
-                    del _SELECT_CACHE[k]
-                return out
-    out = [select(x, w) for x, w in zip(xs, ws)]
-    if versions is not None and not take:
-        refs = [weakref.ref(x, _drop_dead) for x in xs]
-        _SELECT_CACHE.append((refs, versions, [weakref.ref(w, _drop_dead) for w in ws], out))
-        del _SELECT_CACHE[:-SELECT_CACHE_SIZE]
-    return out
-
-
 def blend_(new: Tensor, old: Tensor, w: Tensor) -> None:
     """``new = where(m, new, old)`` in place, bit for bit (``w``: mask words, or a 0-d word)."""
     ni, oi = new.view(w.dtype), old.view(w.dtype)

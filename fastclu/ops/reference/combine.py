@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from fastclu._registry import register
-from fastclu.ops.reference._util import WORD, blend_, mask_bools, mask_words, select_list
+from fastclu.ops.reference._util import WORD, blend_, mask_bools, mask_words, select
 from fastclu.ops.reference.rules import update_foreach_of, update_fused_of, update_of
 from fastclu.ops.rules import StepConfig
 
@@ -303,68 +303,43 @@ def _works(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
 
 def _combined_grads(
     idx: list[int], pro: _Prologue, dtype: torch.dtype, device: torch.device
-) -> tuple[list[Tensor], bool, float]:
-    """``(g, owned, sign)``: the group's combined gradients are ``sign * g`` (``sign`` is +-1.0);
-    ``owned``: ``g`` is scratch (safe to modify in place).
+) -> tuple[list[Tensor], bool]:
+    """The group's combined gradients and whether they are scratch (safe to modify in place).
 
-    The math of :func:`_combined_grad`, never modifying an input gradient, with fewer passes and
-    fresh allocations: roles whose coefficient is exactly 1.0 come first; a float coefficient is
-    fused into its addition (``add(alpha=c)``, one rounding instead of two); a coefficient of
-    -1.0 is kept aside as the sign, and a role's fresh selection (a masked role) takes the sum in
-    place (``x + g``, or ``x - g`` with the sign flipped, for ``g + x`` / ``g - x``), so no new
-    gradient-sized tensor is allocated for it. Within rounding of the single-tensor sum, equal to
-    it (up to the sign of an exact zero) for one role or coefficients of +-1. The clip scale is
-    applied here, with the sign folded into it.
+    The math of :func:`_combined_grad`, never modifying an input gradient, with fewer passes:
+    roles whose coefficient is exactly 1.0 come first, and a float coefficient is fused into its
+    addition (``add(alpha=c)``, one rounding instead of two): within rounding of the
+    single-tensor sum, equal to it for one role or coefficients of +-1.
     """
     g: list[Tensor] | None = None
     owned = False
-    sign = 1.0
     words = pro.words(dtype) if any(pro.gate) else None
     order = sorted(range(len(pro.grads)), key=lambda r: not _is(pro.coeffs[r], 1.0))
     for r in order:
         x, fresh = _works([pro.grads[r][i] for i in idx], dtype)
         if words is not None and pro.gate[r]:
-            # Taken: gram's selection of the same gradients under the same mask, when it left one.
-            x, fresh = select_list(x, [words[i] for i in idx], take=True), True
+            x, fresh = [select(t, words[i]) for i, t in zip(idx, x)], True
         c = _on(pro.coeffs[r], device)
-        unit = isinstance(c, float) and abs(c) == 1.0
-        if g is None:
-            if unit:
-                g, owned, sign = x, fresh, c
-            else:
-                g, owned = _scaled(x, fresh, torch._foreach_mul, torch._foreach_mul_, c)
-            continue
-        if isinstance(c, float):
-            k = sign * c  # sign * g + c * x = sign * (g + k * x)
+        if g is not None and isinstance(c, float):
             if owned:
-                torch._foreach_add_(g, x, alpha=k)
-            elif fresh and abs(k) == 1.0:
-                if k == 1.0:
-                    torch._foreach_add_(x, g)
-                else:  # g - x = -(x - g)
-                    torch._foreach_sub_(x, g)
-                    sign = -sign
+                torch._foreach_add_(g, x, alpha=c)
+            elif fresh:  # x is scratch (a selection): the sum lands in it, rounded as add(g, x, alpha=c)
+                for gi, xi in zip(g, x):
+                    torch.add(gi, xi, alpha=c, out=xi)
                 g, owned = x, True
             else:
-                g, owned = torch._foreach_add(g, x, alpha=k), True
+                g, owned = torch._foreach_add(g, x, alpha=c), True
             continue
-        x, _ = _scaled(x, fresh, torch._foreach_mul, torch._foreach_mul_, c)  # sign * g + x
-        if owned:
-            torch._foreach_add_(g, x, alpha=sign)
+        if not _is(c, 1.0):
+            x, fresh = _scaled(x, fresh, torch._foreach_mul, torch._foreach_mul_, c)
+        if g is None:
+            g, owned = x, fresh
         else:
-            if sign == 1.0:
-                torch._foreach_add_(x, g)
-            else:
-                torch._foreach_sub_(x, g)
-                sign = 1.0
-            g, owned = x, True
+            g, owned = _scaled(g, owned, torch._foreach_add, torch._foreach_add_, x)
     assert g is not None
     if not _is(pro.scale, 1.0):
-        sc = _on(pro.scale, device)
-        if sign == -1.0:  # x * -s is exactly -(x * s)
-            sc, sign = -sc, 1.0
-        g, owned = _scaled(g, owned, torch._foreach_mul, torch._foreach_mul_, sc)
-    return g, owned, sign
+        g, owned = _scaled(g, owned, torch._foreach_mul, torch._foreach_mul_, _on(pro.scale, device))
+    return g, owned
 
 
 def _scaled(g: list[Tensor], owned: bool, op: Callable, op_: Callable, x: Scalar) -> tuple[list[Tensor], bool]:
@@ -377,28 +352,16 @@ def _scaled(g: list[Tensor], owned: bool, op: Callable, op_: Callable, x: Scalar
 def _final_grads(
     idx: list[int], thetas: list[Tensor], pro: _Prologue, cfg: StepConfig, dtype: torch.dtype, device: torch.device
 ) -> list[Tensor]:
-    """The gradient the update reads, in the single-tensor order: the combination (times the clip
-    scale), unscaled by AMP's ``grad_scale``, plus the penalty, negated for ``maximize``. A
-    pending sign of the combination is folded into the first of these that multiplies, divides
-    or negates (exact), else applied at the end."""
-    g, owned, sign = _combined_grads(idx, pro, dtype, device)
+    g, owned = _combined_grads(idx, pro, dtype, device)
     if pro.grad_scale is not None:
-        gs = _on(pro.grad_scale, device)
-        if sign == -1.0:
-            gs, sign = -gs, 1.0
-        g, owned = _scaled(g, owned, torch._foreach_div, torch._foreach_div_, gs)
+        g, owned = _scaled(g, owned, torch._foreach_div, torch._foreach_div_, _on(pro.grad_scale, device))
     if pro.penalty is not None:
         imp, _ = _works([pro.importance[i] for i in idx], dtype)
         anc, _ = _works([pro.anchor[i] for i in idx], dtype)
         term = torch._foreach_mul(imp, _on(pro.penalty, device))  # penalty * importance
         torch._foreach_mul_(term, torch._foreach_sub(thetas, anc))  # ... * (theta - anchor)
-        if owned:  # sign * g + term = sign * (g + sign * term)
-            torch._foreach_add_(g, term, alpha=sign)
-        else:
-            g, owned = torch._foreach_add(g, term, alpha=sign), True
+        g, owned = _scaled(g, owned, torch._foreach_add, torch._foreach_add_, term)
     if cfg.maximize:
-        sign = -sign
-    if sign == -1.0:
         g, owned = _scaled(g, owned, lambda xs, _: torch._foreach_neg(xs), lambda xs, _: torch._foreach_neg_(xs), None)
     return g
 

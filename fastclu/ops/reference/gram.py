@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fastclu._registry import register
-from fastclu.ops.reference._util import mask_words, select, select_list
+from fastclu.ops.reference._util import mask_words, select
 
 
 @register("gram", "reference")
@@ -24,9 +24,7 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     clip scale built from ``G`` (``min(1, clip / norm)``) carries half of the relative error of
     ``norm**2``: far below anything a clip threshold resolves. Masked-out elements are dropped
     (``where(m, g, +0.0)``, as a bitwise AND with the cached mask words) before any product, so
-    an inf/NaN gradient under a zero mask bit does not leak into the result. The selections are
-    left for the ``combine_step_`` of the same step, which takes them instead of selecting again
-    (``_util.select_list``: only while the gradients and the mask are unchanged). The order of
+    an inf/NaN gradient under a zero mask bit does not leak into the result. The order of
     every sum is fixed (tensor by tensor, pair by pair), so the result is deterministic (for a
     fixed BLAS thread count). Only the upper triangle is computed; the lower one is its mirror,
     so the result is exactly symmetric.
@@ -40,13 +38,10 @@ def gram(grads: list[list[Tensor]], *, mask: list[Tensor] | None, masked: list[b
     keep = mask_words(mask, [g.shape for g in ref], dtype) if mask is not None and any(masked) else None
     rows = []
     for r, role in enumerate(grads):
-        row = [g if g.dtype == dtype else g.to(dtype) for g in role]
+        row = [(g if g.dtype == dtype else g.to(dtype)).reshape(-1) for g in role]
         if keep is not None and masked[r]:
-            if all(x is g for x, g in zip(row, role)):
-                row = select_list(row, keep, take=False)
-            else:  # cast copies: no later step reads these objects
-                row = [select(x, k) for x, k in zip(row, keep)]
-        rows.append([g.reshape(-1) for g in row])
+            row = [select(g, k.reshape(-1)) for k, g in zip(keep, row)]
+        rows.append(row)
     pairs = [(r, s) for r in range(n_roles) for s in range(r, n_roles)]
     # partials[i, k]: tensor i's inner product for pair k, summed over i (in this order) below.
     partials = torch.stack([torch.dot(rows[r][i], rows[s][i]) for i in range(len(ref)) for r, s in pairs])
