@@ -256,6 +256,10 @@ def _check_combine(v: dict) -> None:
 
 def _check_clip(v: dict, n_roles: int, dev: torch.device | None) -> None:
     gram, clip = v["clip_gram"], v["clip"]
+    if gram is not None and v["clip_own"]:
+        raise ValueError("clip_gram and clip_own=True are two ways to give the clip's gram: pass one")
+    if isinstance(clip, float) and (gram is not None or v["clip_own"]) and not (math.isfinite(clip) and clip > 0.0):
+        raise ValueError(f"clip must be a finite number > 0, got {clip}")
     if gram is None:
         return
     if not isinstance(gram, Tensor) or gram.shape != (n_roles, n_roles):
@@ -265,8 +269,6 @@ def _check_clip(v: dict, n_roles: int, dev: torch.device | None) -> None:
         raise TypeError(f"clip_gram must be float32 (as gram() returns it), got {gram.dtype}")
     if dev is not None and gram.device != dev:
         raise ValueError(f"clip_gram is on {gram.device} but the params are on {dev}")
-    if isinstance(clip, float) and not (math.isfinite(clip) and clip > 0.0):
-        raise ValueError(f"clip must be a finite number > 0, got {clip}")
 
 
 def _check_hparams(v: dict) -> dict:
@@ -331,6 +333,7 @@ _spec(OpSpec("combine_step_", (
     Arg("maximize", "bool", False, keyword=True),
     Arg("clip_gram", "tensor", None, keyword=True),
     Arg("clip", "scalar", 1.0, keyword=True),
+    Arg("clip_own", "bool", False, keyword=True),
     Arg("hparams", "hparams", HPARAMS, keyword=True),
 ), check=_check_combine, state_keys=tuple(dict.fromkeys(k for r in RULES.values() for k in r.state))))  # fmt: skip
 
@@ -356,6 +359,7 @@ def combine_step_(
     maximize: bool = False,
     clip_gram: Tensor | None = None,
     clip: Scalar = 1.0,
+    clip_own: bool = False,
     backend: str | None = None,
     **hparams: float | bool | tuple[float, ...],
 ) -> None:
@@ -402,6 +406,11 @@ def combine_step_(
             ``norm = sqrt(max(sum_rs c_r c_s G[r, s], 0))``, divided by ``grad_scale`` if
             given, and ``clip_factor = min(1, clip / (norm + 1e-6))`` (NaN propagates), cast
             to fp32 -- ``torch.nn.utils.clip_grad_norm_``'s factor for the combination.
+        clip_own: the same clip with this call's own gram (its roles over its tensors, the
+            gating the step applies: ``masked`` roles in ``mask_mode="grad"``), formed by the op
+            -- for a clip that spans exactly this call's parameters. The kernel backends run
+            their ``gram`` first; the reference's foreach formulation takes the norm of the
+            combined gradient it forms anyway (no separate gram pass). Not with ``clip_gram``.
         hparams: the rule's hyperparameters (:attr:`fastclu.ops.rules.Rule.hparams`; another
             rule's at a non-default value is an error). ``sgd``: ``weight_decay``, ``momentum``,
             ``dampening``, ``nesterov``, ``init_momentum`` (the first step:
@@ -416,7 +425,8 @@ def combine_step_(
         "params": params, "grads": grads, "state": state, "rule": rule, "lr": lr, "coeffs": coeffs, "scale": scale,
         "mask": mask, "masked": masked, "mask_mode": mask_mode, "penalty": penalty, "importance": importance,
         "anchor": anchor, "grad_scale": grad_scale, "found_inf": found_inf, "restore_from": restore_from,
-        "maximize": maximize, "clip_gram": clip_gram, "clip": clip, "hparams": hparams,
+        "maximize": maximize, "clip_gram": clip_gram, "clip": clip, "clip_own": clip_own,
+        "hparams": hparams,
     }  # fmt: skip
     _call("combine_step_", backend, values)
 

@@ -947,12 +947,15 @@ class RoleOptimizer(Optimizer):
                 self._drop_stashes()
                 return found_inf
             self._finish_layout(layout)
-        clip_gram = None if clip is None else self._clip_gram(layout, grads, grams, direct)
+        clipping = None
+        if clip is not None:
+            # A clip that spans one bucket's call whose gram nothing else needs: the step forms it
+            # (the reference then takes the norm of the combination it forms, no gram pass).
+            own = len(layout.buckets) == 1 and not layout.dtensor and not grams and layout.buckets[0].mode != "update"
+            clipping = (None if own else self._clip_gram(layout, grads, grams, direct), clip)
         work = ContiguousWork(b.params[j] for b in layout.buckets for j in b.noncontig)
         for b, gs in zip(layout.buckets, grads):
-            self._combine_bucket(
-                b, gs, coeffs, (clip_gram, clip), grad_scale, found_inf, restore, work, layout.dtensor, direct
-            )
+            self._combine_bucket(b, gs, coeffs, clipping, grad_scale, found_inf, restore, work, layout.dtensor, direct)
         work.write_back()
         self._drop_stashes()
         return found_inf
@@ -1049,7 +1052,7 @@ class RoleOptimizer(Optimizer):
         b: Bucket,
         grads: list[list[Tensor]],
         coeffs: dict[str, float | Tensor],
-        clipping: tuple[Tensor | None, float | Tensor | None],
+        clipping: tuple[Tensor | None, float | Tensor] | None,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         restore: dict | None,
@@ -1058,7 +1061,8 @@ class RoleOptimizer(Optimizer):
         direct: bool,
     ) -> None:
         """One fused ``combine_step_`` over the bucket (its backend's implementation when ``direct``);
-        ``clipping``: the global gram and the bound (the kernel forms the clip factor), or Nones."""
+        ``clipping``: (the global gram, or None for the call's own; the bound): the step forms the
+        clip factor; None: no clip."""
         group = b.group
         params = b.params
         dev = params[0].device
@@ -1076,9 +1080,12 @@ class RoleOptimizer(Optimizer):
             "restore_from": None if restore is None else real(distributed.local_list(work([restore[p] for p in params]))),
             **self._rule_kwargs(group),
         }  # fmt: skip
-        clip_gram, clip = clipping
-        if clip_gram is not None:
-            values["clip_gram"] = clip_gram if clip_gram.device == dev else clip_gram.to(dev)
+        if clipping is not None:
+            clip_gram, clip = clipping
+            if clip_gram is None:
+                values["clip_own"] = True
+            else:
+                values["clip_gram"] = clip_gram if clip_gram.device == dev else clip_gram.to(dev)
             values["clip"] = (
                 clip.to(dev).reshape(()) if isinstance(clip, Tensor) and clip.device.type != "cpu" else clip
             )

@@ -126,15 +126,16 @@ def case_fsdp(rank: int, world: int) -> None:
     from fastclu.ops.reference.combine import clip_scale
 
     for key, opt in (("ref", opt_ref), ("sh", opt_sh)):
-        orig = opt._clip_gram
+        orig = opt._combine_bucket
 
-        def spy(*a, _orig=orig, _key=key, **kw):
-            # the global gram the fused step reads; its clip factor by the contract's formula
-            g = _orig(*a, **kw)
+        def spy(b, gs, coeffs, clipping, *a, _orig=orig, _key=key, **kw):
+            # the gram the fused step's clip reads (the global one, or the call's own), and its
+            # clip factor by the contract's formula
+            g = clipping[0] if clipping[0] is not None else ops.gram(gs, mask=b.masks, masked=b.flags)
             scales[_key].append(float(clip_scale(1.0, g, [1.0, -0.5], 0.05, None)))
-            return g
+            return _orig(b, gs, coeffs, clipping, *a, **kw)
 
-        opt._clip_gram = spy
+        opt._combine_bucket = spy
     fb, rb = global_batches(10, seed=4), global_batches(10, seed=5)
     fb_l, rb_l = shard_batches(fb, rank, world), shard_batches(rb, rank, world)
     for t in range(10):

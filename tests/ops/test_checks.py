@@ -300,6 +300,8 @@ CASES: list[Case] = [
     ("combine_clip_zero", lambda: _combine(clip_gram=torch.rand(1, 1), clip=0.0), ValueError, "clip"),
     ("combine_clip_nan", lambda: _combine(clip_gram=torch.rand(1, 1), clip=float("nan")), ValueError, "clip"),
     ("combine_clip_type", lambda: _combine(clip_gram=torch.rand(1, 1), clip="1"), TypeError, "clip"),
+    ("combine_clip_both", lambda: _combine(clip_gram=torch.rand(1, 1), clip_own=True), ValueError, "clip_own"),
+    ("combine_clip_own_zero", lambda: _combine(clip_own=True, clip=-1.0), ValueError, "clip"),
     ("gram_mask_2d", lambda: _gram([P()], mask=[_mask()[0].reshape(2, 1), _mask()[1]]), ValueError, "mask[0]"),
     (
         "combine_state_shape",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastclu import _C
-from fastclu._registry import register
+from fastclu._registry import implementation, register
 from fastclu.ops.cuda._launch import build_table, on_device, require_cuda, scalar, stream_of
 from fastclu.ops.rules import RULES, StepConfig
 from fastclu.ops.tables import TABLES, CombineRow, combine_operands
@@ -88,6 +88,7 @@ def combine_step_(
     maximize: bool,
     clip_gram: Tensor | None = None,
     clip: Scalar = 1.0,
+    clip_own: bool = False,
     **hparams: object,
 ) -> None:
     """One launch per step over every parameter (after an optional tiny step-counter update).
@@ -108,6 +109,11 @@ def combine_step_(
             require_cuda(op, name, xs)
     if not params:
         return
+    if clip_own:  # the clip's gram is this call's own: the gating the step applies
+        gated = [bool(f) and mask is not None and mask_mode == "grad" for f in masked]
+        # through the registry, as every op call is (the kernel-call counters see it)
+        gram = implementation("gram", "cuda")
+        clip_gram = gram(list(grads), mask=mask if any(gated) else None, masked=gated)
     dev = params[0].device
     with on_device(dev):
         fi_ptr = 0
@@ -142,9 +148,9 @@ def combine_step_(
         scal = {
             name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty), ("clip", clip))
         }
-        gram = None if clip_gram is None else clip_gram.contiguous()
+        cgram = None if clip_gram is None else clip_gram.contiguous()
         # the clip factor's scratch: written by the clip launch, read by the step (stream-ordered)
-        clip_out = None if gram is None else torch.empty((), dtype=torch.float32, device=gram.device)
+        clip_out = None if cgram is None else torch.empty((), dtype=torch.float32, device=cgram.device)
         coeff = [scalar(c, dev) for c in coeffs]
         gs = scalar(grad_scale, dev) if grad_scale is not None else None
         bits = sum(1 << r for r, f in enumerate(masked) if f) if mask is not None else 0
@@ -155,11 +161,11 @@ def combine_step_(
             "scale": scal["scale"].pair, "penalty": scal["penalty"].pair,
             "grad_scale": gs.pair if gs is not None else (1.0, 0), "has_grad_scale": gs is not None,
             "coeffs": [c.pair for c in coeff], "found_inf_ptr": fi_ptr, "step_mode": step_mode, "step": step,
-            "clip_gram_ptr": 0 if gram is None else gram.data_ptr(), "clip": scal["clip"].pair,
+            "clip_gram_ptr": 0 if cgram is None else cgram.data_ptr(), "clip": scal["clip"].pair,
             "clip_out_ptr": 0 if clip_out is None else clip_out.data_ptr(),
             "steps_ptr": 0 if steps_arr is None else steps_arr.data_ptr(),
         }  # fmt: skip
         _C.combine_step(*t.args, config, stream_of(dev))
         # Tensors whose addresses the launch uses stay referenced until here (stream-ordered reuse
         # by the caching allocator makes freeing them afterwards safe).
-        del scal, coeff, gs, fi_keep, steps_arr, gram, clip_out
+        del scal, coeff, gs, fi_keep, steps_arr, cgram, clip_out

@@ -170,20 +170,29 @@ def combine_step_(
     maximize: bool,
     clip_gram: Tensor | None = None,
     clip: Scalar = 1.0,
+    clip_own: bool = False,
     **hparams: object,
 ) -> None:
     """See :func:`fastclu.ops.combine_step_` (the contract); this is its specification in PyTorch.
 
-    The formulation (foreach or single-tensor) is chosen as the module docstring says.
+    The formulation (foreach or single-tensor) is chosen as the module docstring says. A clip
+    over this call's own combination (``clip_own``) is, in the single-tensor specification, the
+    ``clip_gram`` formula on this call's gram; the foreach formulation takes the norm of the
+    combined gradient it forms anyway (the same quantity, within rounding; no gram pass).
     """
     cfg = StepConfig(rule, lr, maximize, **hparams)  # type: ignore[arg-type]
+    gate = [bool(f) and mask_mode == "grad" for f in masked]
+    foreach = _use_foreach(None, rule, params, grads)
+    if clip_own and not foreach:
+        from fastclu.ops.reference.gram import gram
+
+        clip_gram = gram(list(grads), mask=mask if any(gate) else None, masked=gate)
     if clip_gram is not None:
         scale = clip_scale(scale, clip_gram, coeffs, clip, grad_scale)
-    gate = [bool(f) and mask_mode == "grad" for f in masked]
     prologue = _Prologue(grads, list(coeffs), scale, mask, gate, mask_mode, penalty, importance, anchor, grad_scale)
     prologue.shapes = [p.shape for p in params]
-    if _use_foreach(None, rule, params, grads):
-        _step_foreach(params, state, cfg, prologue, found_inf, restore_from)
+    if foreach:
+        _step_foreach(params, state, cfg, prologue, found_inf, restore_from, clip if clip_own else None)
     else:
         _step_single(params, state, cfg, prologue, found_inf, restore_from)
 
@@ -201,7 +210,12 @@ def clip_scale(
     dev = gram.device
     c = torch.stack([x.to(dev, torch.float32).reshape(()) if isinstance(x, Tensor)
                      else gram.new_full((), x, dtype=torch.float32) for x in coeffs]).double()  # fmt: skip
-    norm = (c @ gram.to(torch.float64) @ c).clamp_min(0.0).sqrt()
+    return _scaled_factor((c @ gram.to(torch.float64) @ c).clamp_min(0.0).sqrt(), scale, clip, grad_scale)
+
+
+def _scaled_factor(norm: Tensor, scale: Scalar, clip: Scalar, grad_scale: Tensor | None) -> Tensor:
+    """``scale * min(1, clip / (norm / grad_scale + 1e-6))``: ``norm`` a 0-d fp64 tensor."""
+    dev = norm.device
     if grad_scale is not None:
         norm = norm / grad_scale.to(dev, torch.float64).reshape(())
     bound = clip.to(dev, torch.float64).reshape(()) if isinstance(clip, Tensor) else clip
@@ -302,9 +316,18 @@ def _works(ts: list[Tensor], dtype: torch.dtype) -> tuple[list[Tensor], bool]:
 
 
 def _combined_grads(
-    idx: list[int], pro: _Prologue, dtype: torch.dtype, device: torch.device
+    idx: list[int], pro: _Prologue, dtype: torch.dtype, device: torch.device, summed: tuple | None = None
 ) -> tuple[list[Tensor], bool]:
-    """The group's combined gradients and whether they are scratch (safe to modify in place).
+    """The group's combined gradients (:func:`_role_sum` unless ``summed`` holds it, times the
+    scale) and whether they are scratch (safe to modify in place)."""
+    g, owned = summed if summed is not None else _role_sum(idx, pro, dtype, device)
+    if not _is(pro.scale, 1.0):
+        g, owned = _scaled(g, owned, torch._foreach_mul, torch._foreach_mul_, _on(pro.scale, device))
+    return g, owned
+
+
+def _role_sum(idx: list[int], pro: _Prologue, dtype: torch.dtype, device: torch.device) -> tuple[list[Tensor], bool]:
+    """The group's weighted, gated role sum (before the scale) and whether it is scratch.
 
     The math of :func:`_combined_grad`, never modifying an input gradient, with fewer passes:
     roles whose coefficient is exactly 1.0 come first, and a float coefficient is fused into its
@@ -337,8 +360,6 @@ def _combined_grads(
         else:
             g, owned = _scaled(g, owned, torch._foreach_add, torch._foreach_add_, x)
     assert g is not None
-    if not _is(pro.scale, 1.0):
-        g, owned = _scaled(g, owned, torch._foreach_mul, torch._foreach_mul_, _on(pro.scale, device))
     return g, owned
 
 
@@ -350,9 +371,15 @@ def _scaled(g: list[Tensor], owned: bool, op: Callable, op_: Callable, x: Scalar
 
 
 def _final_grads(
-    idx: list[int], thetas: list[Tensor], pro: _Prologue, cfg: StepConfig, dtype: torch.dtype, device: torch.device
+    idx: list[int],
+    thetas: list[Tensor],
+    pro: _Prologue,
+    cfg: StepConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    summed: tuple | None = None,
 ) -> list[Tensor]:
-    g, owned = _combined_grads(idx, pro, dtype, device)
+    g, owned = _combined_grads(idx, pro, dtype, device, summed)
     if pro.grad_scale is not None:
         g, owned = _scaled(g, owned, torch._foreach_div, torch._foreach_div_, _on(pro.grad_scale, device))
     if pro.penalty is not None:
@@ -373,22 +400,33 @@ def _step_foreach(
     pro: _Prologue,
     found_inf: Tensor | None,
     restore_from: list[Tensor] | None,
+    clip_own: Scalar | None = None,
 ) -> None:
     _restore(params, restore_from)
     if not params:
         return
+    groups = list(_group_tensors_by_device_and_dtype([params], with_indices=True).items())
+    sums: dict = {}
+    if clip_own is not None:  # every group's role sum first: the clip's norm spans the whole call
+        for (device, dtype), (_, idx) in groups:
+            sums[device, dtype] = _role_sum(
+                idx, pro, torch.float64 if dtype == torch.float64 else torch.float32, device
+            )
+        norms = [n.double() for g, _ in sums.values() for n in torch._foreach_norm(g)]
+        pro.scale = _scaled_factor(torch.linalg.vector_norm(torch.stack(norms)), pro.scale, clip_own, pro.grad_scale)
     update_foreach = update_foreach_of(cfg.rule)
     fused_rule = update_fused_of(cfg.rule) if pro.mask_mode != "update" and _use_fused() else None
     keys = [k for k in cfg.state_keys if k != "step"]
     has_step = "step" in cfg.state_keys
-    for (device, dtype), ((ps,), idx) in _group_tensors_by_device_and_dtype([params], with_indices=True).items():
+    for (device, dtype), ((ps,), idx) in groups:
         cd = torch.float64 if dtype == torch.float64 else torch.float32
+        summed = sums.get((device, dtype))
         thetas, _ = _works(ps, cd)
         bufs = {k: _works([state[k][i] for i in idx], cd)[0] for k in keys}
         steps = [state["step"][i] for i in idx] if has_step else None
         if fused_rule is not None and dtype == cd and fused_rule.eligible(thetas, bufs, steps, cfg, device):
             # thetas and bufs are the parameters and state themselves: nothing to write back.
-            g = _final_grads(idx, thetas, pro, cfg, cd, device)
+            g = _final_grads(idx, thetas, pro, cfg, cd, device, summed)
             fused_rule.update(thetas, g, bufs, steps, cfg, found_inf=found_inf)
             continue
         # AMP without a host read: the step runs, then found_inf selects the old values back.
@@ -398,7 +436,7 @@ def _step_foreach(
             old = ([t.clone() for t in thetas], {k: [b.clone() for b in bs] for k, bs in bufs.items()})
             old_steps = [s.clone() for s in steps] if steps is not None and keep is not None else None
 
-        g = _final_grads(idx, thetas, pro, cfg, cd, device)
+        g = _final_grads(idx, thetas, pro, cfg, cd, device, summed)
         update_foreach(thetas, g, bufs, steps, cfg)
 
         if select:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastclu._registry import register
+from fastclu._registry import implementation, register
 from fastclu.ops.rules import StepConfig
 from fastclu.ops.tables import TABLES, combine_operands
 from fastclu.ops.tables import CombineRow as R_
@@ -219,6 +219,7 @@ def combine_step_(
     maximize: bool,
     clip_gram: Tensor | None = None,
     clip: float | Tensor = 1.0,
+    clip_own: bool = False,
     **hparams: object,
 ) -> None:
     """Fused combination + the rule's step; see :func:`fastclu.ops.combine_step_` (the contract)."""
@@ -231,6 +232,11 @@ def combine_step_(
         grad_scale = grad_scale.to(dev)
     if found_inf is not None and found_inf.device != dev:
         found_inf = found_inf.to(dev)
+    if clip_own:  # the clip's gram is this call's own: the gating the step applies
+        gated = [bool(f) and mask is not None and mask_mode == "grad" for f in masked]
+        # through the registry, as every op call is (the kernel-call counters see it)
+        gram = implementation("gram", "triton")
+        clip_gram = gram(list(grads), mask=mask if any(gated) else None, masked=gated)
     if clip_gram is not None:
         clip_gram = clip_gram.contiguous()
     R = len(grads)

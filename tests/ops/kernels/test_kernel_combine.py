@@ -69,6 +69,12 @@ CASES = [
       "coeffs": [_t(2.0), 1.0, -1.0], "mask": True, "masked": [True, False, False]}),
     ("classp-clip-4roles", "classp", 4, {"lr": 0.1, "threshold": 0.0, "gram": True, "clip": 1e-3}),
     ("adamw-clip-inactive", "adamw", 1, {"lr": 1e-2, "gram": True, "clip": 1e6}),
+    # the clip's gram formed by the op (clip_own): the kernels' gram, the reference's combination norm
+    ("adamw-clip-own-mask-amp", "adamw", 2, {"lr": 1e-2, "weight_decay": 0.1, "mask": True, "coeffs": [-1.0, 1.0],
+                                             "masked": [True, False], "clip_own": True, "clip": 0.05,
+                                             "grad_scale": _t(16.0)}),
+    ("sgd-clip-own-update-mode", "sgd", 2, {"lr": 0.1, "momentum": 0.9, "mask": True, "mask_mode": "update",
+                                            "clip_own": True, "clip": _t(0.02)}),
 ]  # fmt: skip
 
 

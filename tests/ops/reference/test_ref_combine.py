@@ -329,10 +329,12 @@ def test_bad_input_leaves_state_untouched():
     assert _same(params, before)
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["clip_gram", "clip_own"])
 @pytest.mark.parametrize("tensor_clip", [False, True])
-def test_clip_gram_is_clip_grad_norm_of_the_combination(tensor_clip: bool) -> None:
-    """``clip_gram=`` + ``clip=``: the factor of torch's clip_grad_norm_ on the unscaled masked
-    combination, checked against float64 from the raw tensors (SGD, lr 1: the step is the gradient)."""
+def test_clip_gram_is_clip_grad_norm_of_the_combination(tensor_clip: bool, own: bool, both_paths) -> None:
+    """``clip_gram=`` (or ``clip_own=True``) + ``clip=``: the factor of torch's clip_grad_norm_ on
+    the unscaled masked combination, checked against float64 from the raw tensors (SGD, lr 1: the
+    step is the gradient), on each formulation of the reference."""
     params, roles = _rand(), [_rand(), _rand()]
     bools, masks = _rand_mask()
     coeffs, gs, clip = [-3.0, 1.0], torch.tensor(4.0), 0.2
@@ -345,8 +347,8 @@ def test_clip_gram_is_clip_grad_norm_of_the_combination(tensor_clip: bool) -> No
     gram = ops.gram(roles, mask=masks, masked=[True, False], backend="reference")
     got = _clone(params)
     ops.combine_step_(got, roles, {}, rule="sgd", lr=1.0, coeffs=coeffs, mask=masks, masked=[True, False],
-                      grad_scale=gs, clip_gram=gram, clip=torch.tensor(clip) if tensor_clip else clip,
-                      backend="reference")  # fmt: skip
+                      grad_scale=gs, clip_gram=None if own else gram, clip_own=own,
+                      clip=torch.tensor(clip) if tensor_clip else clip, backend="reference")  # fmt: skip
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
 
