@@ -44,6 +44,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from fastclu._registry import register
 from fastclu.ops.reference._util import WORD, blend_, mask_bools, mask_words, select
+from fastclu.ops.reference.gram import gram
 from fastclu.ops.reference.rules import update_foreach_of, update_fused_of, update_of
 from fastclu.ops.rules import StepConfig
 
@@ -55,26 +56,25 @@ _FUSED: ContextVar[bool | None] = ContextVar("fastclu_reference_fused", default=
 
 
 @contextlib.contextmanager
-def foreach(flag: bool | None) -> Iterator[None]:
-    """Within the scope, the reference ``combine_step_`` takes the foreach (True) or the
-    single-tensor (False) formulation; None: the environment variable, else automatic."""
-    token = _FORCED.set(flag)
+def _scoped(var: ContextVar[bool | None], flag: bool | None) -> Iterator[None]:
+    token = var.set(flag)
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        var.reset(token)
 
 
-@contextlib.contextmanager
-def fused(flag: bool | None) -> Iterator[None]:
+def foreach(flag: bool | None) -> contextlib.AbstractContextManager[None]:
+    """Within the scope, the reference ``combine_step_`` takes the foreach (True) or the
+    single-tensor (False) formulation; None: the environment variable, else automatic."""
+    return _scoped(_FORCED, flag)
+
+
+def fused(flag: bool | None) -> contextlib.AbstractContextManager[None]:
     """Within the scope, the foreach formulation of the reference ``combine_step_`` takes a torch
     fused kernel for the groups it computes exactly (True) or never (False); None: the
     environment variable, else on."""
-    token = _FUSED.set(flag)
-    try:
-        yield
-    finally:
-        _FUSED.reset(token)
+    return _scoped(_FUSED, flag)
 
 
 def _use_fused() -> bool:
@@ -184,8 +184,6 @@ def combine_step_(
     gate = [bool(f) and mask_mode == "grad" for f in masked]
     foreach = _use_foreach(None, rule, params, grads)
     if clip_own and not foreach:
-        from fastclu.ops.reference.gram import gram
-
         clip_gram = gram(list(grads), mask=mask if any(gate) else None, masked=gate)
     if clip_gram is not None:
         scale = clip_scale(scale, clip_gram, coeffs, clip, grad_scale)

@@ -232,14 +232,14 @@ def combine_step_(
         grad_scale = grad_scale.to(dev)
     if found_inf is not None and found_inf.device != dev:
         found_inf = found_inf.to(dev)
+    R = len(grads)
+    gate = [bool(f) and mask is not None and mask_mode == "grad" for f in masked] + [False] * (4 - R)
     if clip_own:  # the clip's gram is this call's own: the gating the step applies
-        gated = [bool(f) and mask is not None and mask_mode == "grad" for f in masked]
         # through the registry, as every op call is (the kernel-call counters see it)
         gram = implementation("gram", "triton")
-        clip_gram = gram(list(grads), mask=mask if any(gated) else None, masked=gated)
+        clip_gram = gram(list(grads), mask=mask if any(gate) else None, masked=gate[:R])
     if clip_gram is not None:
         clip_gram = clip_gram.contiguous()
-    R = len(grads)
     cfg = StepConfig(rule, lr, maximize, **hparams)  # type: ignore[arg-type]
     bufs = [None if k is None else state[k] for k in cfg.state_rows]
     steps, rule_coef = prepare_of(rule)(state["step"] if cfg.counts_steps else None, cfg, lr, found_inf, dev)
@@ -249,7 +249,6 @@ def combine_step_(
     ops = combine_operands(params, restore_from, list(grads), mask, bufs, importance if has_pen else None,
                            anchor if has_pen else None, steps)  # fmt: skip
     gs_list, _ = groups(ops, dynamic=TABLES["combine_step"].dynamic)
-    gate = [bool(f) and mask is not None and mask_mode == "grad" for f in masked] + [False] * (4 - R)
     for g in gs_list:
         dummy = g.tab
         lr_p, lr_v, lr_t = scalar_arg(lr, dev, dummy)

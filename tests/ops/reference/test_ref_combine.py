@@ -10,6 +10,9 @@ import math
 
 import pytest
 import torch
+from _ref_cases import clone as _clone
+from _ref_cases import same as _same
+from _ref_cases import zero_adamw_state
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
@@ -23,17 +26,9 @@ def _rand(shapes=SHAPES, dtype=torch.float32):
     return [torch.randn(s, dtype=dtype) for s in shapes]
 
 
-def _clone(xs):
-    return [x.clone() for x in xs]
-
-
 def _rand_mask(shapes=SHAPES, p=0.5):
     bools = [torch.rand(s) < p for s in shapes]
     return bools, [ops.pack_bits(b) for b in bools]
-
-
-def _same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.fixture
@@ -88,12 +83,7 @@ def test_adamw_bit_identical_to_torch(amsgrad, weight_decay, maximize, tensor_lr
     params = _rand()
     ref = _clone(params)
     lr = torch.tensor(3e-3) if tensor_lr else 3e-3
-    st = {
-        "exp_avg": [torch.zeros_like(p) for p in params],
-        "exp_avg_sq": [torch.zeros_like(p) for p in params],
-        "max_exp_avg_sq": [torch.zeros_like(p) for p in params],
-        "step": [torch.tensor(0.0) for _ in params],
-    }
+    st = zero_adamw_state(params)
     tst = {k: _clone(v) for k, v in st.items()}
     for _ in range(5):
         grads = _rand()

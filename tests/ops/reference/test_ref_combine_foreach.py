@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _ref_cases import SHAPES, zero_adamw_state
+from _ref_cases import clone as _clone
+from _ref_cases import rand as _rand
+from _ref_cases import same as _same
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,20 +28,6 @@ from fastclu import ops
 from fastclu.ops.bits import pack_bits, unpack_bits, unpack_bits_list
 from fastclu.ops.reference import _util
 from fastclu.ops.reference import combine as ref_combine
-
-SHAPES = [(7, 5), (13,), (), (0,), (3, 1, 4), (33,), (2, 65)]
-
-
-def _rand(dtype=torch.float32, fn=torch.randn):
-    return [fn(s, dtype=dtype) for s in SHAPES]
-
-
-def _clone(xs):
-    return [x.clone() for x in xs]
-
-
-def _same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -96,12 +86,7 @@ def test_sgd_bit_identical_to_torch_foreach(momentum, dampening, nesterov, weigh
 def test_adamw_bit_identical_to_torch_foreach(amsgrad, weight_decay, maximize):
     params = _rand()
     ref = _clone(params)
-    st = {
-        "exp_avg": [torch.zeros_like(p) for p in params],
-        "exp_avg_sq": [torch.zeros_like(p) for p in params],
-        "max_exp_avg_sq": [torch.zeros_like(p) for p in params],
-        "step": [torch.tensor(0.0) for _ in params],
-    }
+    st = zero_adamw_state(params)
     tst = {k: _clone(v) for k, v in st.items()}
     hyper = {"amsgrad": amsgrad, "weight_decay": weight_decay, "maximize": maximize, "eps": 1e-7}
     for _ in range(5):

@@ -15,26 +15,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _ref_cases import SHAPES, zero_adamw_state
+from _ref_cases import clone as _clone
+from _ref_cases import rand as _rand
+from _ref_cases import same as _same
 from torch.optim.adam import adam as torch_adam
 
 from fastclu import ops
 from fastclu.ops.bits import pack_bits
 from fastclu.ops.reference import _util
 from fastclu.ops.reference import combine as ref_combine
-
-SHAPES = [(7, 5), (13,), (), (0,), (3, 1, 4), (33,), (2, 65)]
-
-
-def _rand(dtype=torch.float32, fn=torch.randn):
-    return [fn(s, dtype=dtype) for s in SHAPES]
-
-
-def _clone(xs):
-    return [x.clone() for x in xs]
-
-
-def _same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def _bits_same(a, b):
@@ -80,12 +70,7 @@ def test_plain_step_bit_identical_to_torch_fused(amsgrad, weight_decay, maximize
     lr = torch.tensor(3e-3) if tensor_lr else 3e-3
     params = _rand()
     ref = _clone(params)
-    st = {
-        "exp_avg": [torch.zeros_like(p) for p in params],
-        "exp_avg_sq": [torch.zeros_like(p) for p in params],
-        "max_exp_avg_sq": [torch.zeros_like(p) for p in params],
-        "step": [torch.tensor(0.0) for _ in params],
-    }
+    st = zero_adamw_state(params)
     tst = {k: _clone(v) for k, v in st.items()}
     hyper = {"amsgrad": amsgrad, "weight_decay": weight_decay, "maximize": maximize, "eps": 1e-7}
     for step in range(5):
