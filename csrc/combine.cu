@@ -136,6 +136,18 @@ __global__ void clip_scale_kernel(ClipArgs c) {
   *c.out = __fmul_rn(c.scale.get(), static_cast<float>(f > 1.0 ? 1.0 : f));
 }
 
+// Step mode 3: the step's own launch advances the rule's per-tensor fp32 counters (by 1, or 0 on a
+// found-inf step: the fused kernel then skips) before the fused kernel reads them as in mode 2. One
+// thread per row; replaces a separate torch._foreach_add_ (a dispatch, its own multi-tensor launch).
+__global__ void advance_steps_kernel(Table t, const float* found_inf) {
+  const float inc = (found_inf != nullptr && *found_inf != 0.f) ? 0.f : 1.f;  // NaN: 0, as (fi == 0)
+  const int64_t stride = kRowHeader + t.n_ops;
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < t.n_rows; r += gridDim.x * blockDim.x) {
+    float* s = static_cast<float*>(row_ptr(t.rows + r * stride, t.dyn, kStep));
+    *s = __fadd_rn(*s, inc);
+  }
+}
+
 Scal scal_of(double v, uint64_t p) { return as_scal(v, p); }
 
 template <class Rule>
@@ -169,7 +181,7 @@ void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, co
   const Table t = make_table(op, table, dyn, n_rows, kCombineOps, n_chunks);
   if (cfg.rule < 0 || cfg.rule >= kNumRules) fail(op, "unknown rule id");
   if (cfg.n_roles < 1 || cfg.n_roles > 4) fail(op, "n_roles must be in [1, 4]");
-  if (cfg.step_mode < 0 || cfg.step_mode > 2) fail(op, "bad step_mode");
+  if (cfg.step_mode < 0 || cfg.step_mode > 3) fail(op, "bad step_mode");
   if (cfg.step_mode == 1 && cfg.steps_ptr == 0) fail(op, "step_mode 1 needs steps_ptr");
   if (n_chunks <= 0) return;
   CombineArgs a{};
@@ -207,7 +219,12 @@ void combine_step(uint64_t table, uint64_t dyn, int n_rows, int64_t n_chunks, co
     check_launch(op);
     a.scale = as_scal(0, cfg.clip_out_ptr);
   }
-  a.step_mode = cfg.step_mode;
+  if (cfg.step_mode == 3) {  // counters advanced here, then read through the table as in mode 2
+    const int blocks = (t.n_rows + kThreads - 1) / kThreads;
+    FASTCLU_LAUNCH(advance_steps_kernel, blocks, kThreads, 0, as_stream(stream))(t, a.found_inf);
+    check_launch(op);
+  }
+  a.step_mode = cfg.step_mode == 3 ? 2 : cfg.step_mode;
   a.step = cfg.step;
   a.steps = reinterpret_cast<const float*>(static_cast<uintptr_t>(cfg.steps_ptr));
   kRuleTable[cfg.rule].launch(t, a, grid_for(op, n_chunks), stream);

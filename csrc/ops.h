@@ -101,7 +101,8 @@ struct CombineConfig {
   double clip = 1; uint64_t clip_ptr = 0;
   // Step counters of a rule that keeps them: 0 one host value for every tensor, 1 fp32 device
   // array indexed by tensor index, 2 each row's operand 12 points to the (already incremented)
-  // fp32 step counter.
+  // fp32 step counter, 3 as 2 but this call increments them first (by 0 on a found-inf step; every
+  // tensor of the step must have a row, i.e. be non-empty).
   int step_mode = 0; double step = 1; uint64_t steps_ptr = 0;
 };
 // The update rules of combine.cu's table, as (name, id) in id order (exposed as _C.COMBINE_RULES).

@@ -40,7 +40,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
-    # Fresh random data each run (the seed differs per run), but reproducible from the log.
-    seed = int.from_bytes(os.urandom(4), "little")
+    # Fresh random data each run (the seed differs per run), but reproducible from the log:
+    # FASTCLU_TEST_SEED=<the logged seed> reruns a test on the same data.
+    given = os.environ.get("FASTCLU_TEST_SEED")
+    seed = int(given) if given else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     print(f"torch seed {seed}")

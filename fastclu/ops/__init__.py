@@ -14,6 +14,7 @@ reference keeps fp64 math); this is decided in one place, ``_run``. Optimizer st
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -64,14 +65,22 @@ def _route(spec: OpSpec, backend: str | None, values: dict) -> str:
     return name
 
 
+_dtype_attr = operator.attrgetter("dtype")
+
+
 def _has_fp64(x: object) -> bool:
     """True if any tensor in ``x`` (nested lists, tuples and dict values) is fp64."""
     if isinstance(x, Tensor):
         return x.dtype == torch.float64
-    if isinstance(x, (list, tuple)):
-        return any(_has_fp64(y) for y in x)
     if isinstance(x, dict):
-        return any(_has_fp64(y) for y in x.values())
+        x = list(x.values())
+    if isinstance(x, (list, tuple)) and torch.compiler.is_compiling():  # Dynamo cannot trace attrgetter
+        return any(_has_fp64(y) for y in x)
+    if isinstance(x, (list, tuple)):
+        try:  # a flat list of tensors: one C-level pass
+            return torch.float64 in map(_dtype_attr, x)
+        except (AttributeError, TypeError):  # nested lists, None, numbers: entry by entry
+            return any(map(_has_fp64, x))
     return False
 
 

@@ -5,12 +5,35 @@ Every check raises before anything is modified, and names the argument at fault.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+_STRIDED = frozenset([torch.strided])
+_layout = operator.attrgetter("layout")
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+_device = operator.attrgetter("device")
+
+
+_compiling = torch.compiler.is_compiling
+
+
+def _valid_fast(xs: list, floating: bool) -> bool:
+    """Every entry passes :func:`tensor_list`'s checks, decided in C-level passes (no Python
+    per tensor); on False the per-entry loop finds the culprit and names it. Dynamo cannot
+    trace ``attrgetter``: while compiling, the loop decides."""
+    return not _compiling() and (
+        all(map(isinstance, xs, itertools.repeat(Tensor)))
+        and set(map(_layout, xs)) <= _STRIDED
+        and (not floating or set(map(_dtype, xs)) <= _FLOAT_SET)
+        and all(map(Tensor.is_contiguous, xs))
+    )
 
 
 def tensor_list(name: str, xs: object, *, floating: bool = True) -> list[Tensor]:
@@ -18,6 +41,8 @@ def tensor_list(name: str, xs: object, *, floating: bool = True) -> list[Tensor]
     if isinstance(xs, Tensor) or not isinstance(xs, Sequence):
         raise TypeError(f"{name} must be a list of tensors, got {type(xs).__name__}")
     out = list(xs)
+    if _valid_fast(out, floating):
+        return out
     for i, x in enumerate(out):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
@@ -36,6 +61,12 @@ def same_layout(name: str, xs: Sequence[Tensor], ref_name: str, ref: Sequence[Te
     """``xs`` aligned with ``ref``: same length, same shapes, same device per entry."""
     if len(xs) != len(ref):
         raise ValueError(f"{name} has {len(xs)} tensors but {ref_name} has {len(ref)}")
+    if (
+        not _compiling()
+        and list(map(_shape, xs)) == list(map(_shape, ref))
+        and list(map(_device, xs)) == list(map(_device, ref))
+    ):  # C-level passes; the loop names the culprit (and is what Dynamo traces)
+        return
     for i, (x, r) in enumerate(zip(xs, ref)):
         if x.shape != r.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)} but {ref_name}[{i}] has {tuple(r.shape)}")
@@ -57,7 +88,9 @@ def same_dtype(name: str, xs: Sequence[Tensor], ref_name: str, ref: Sequence[Ten
 
 
 def one_device(name: str, xs: Sequence[Tensor]) -> None:
-    if xs and any(x.device != xs[0].device for x in xs):
+    if not xs:
+        return
+    if any(x.device != xs[0].device for x in xs) if _compiling() else len(set(map(_device, xs))) > 1:
         devs = sorted({str(x.device) for x in xs})
         raise ValueError(f"{name} must all be on one device, got {devs}")
 

@@ -115,7 +115,7 @@ def scalar(x: float | Tensor, device: torch.device):
 
 
 # Every tensor is on the CPU here, so the wrapper cannot tell a GPU run's "device" step counters
-# from its "host" ones: device counters by default (step mode 2, read by the kernel), host
+# from its "host" ones: device counters by default (step mode 3, advanced and read by the kernels), host
 # counters (modes 0 and 1) when a test sets this.
 HOST_STEP_COUNTERS = False
 
@@ -140,12 +140,7 @@ def step_source(
         if len(set(values)) <= 1:
             return 0, values[0] if values else 1.0, None, False
         return 1, 1.0, torch.tensor(values, dtype=torch.float32), False
-    if found_inf is None:
-        torch._foreach_add_(steps, 1.0)
-    else:
-        inc = (found_inf.reshape(()).to(dtype=torch.float32) == 0).to(torch.float32)
-        torch._foreach_add_(steps, [inc] * len(steps))
-    return 2, 1.0, None, False
+    return 3, 1.0, None, False  # advanced by the call's own launch, as device counters are
 
 
 # --- switching -----------------------------------------------------------------------------

@@ -32,10 +32,11 @@ def _is(x: Scalar, value: float) -> bool:
 def _step_source(
     steps: list[Tensor], found_inf: Tensor | None, dev: torch.device
 ) -> tuple[int, float, Tensor | None, bool]:
-    """Increment a rule's step counters and say how the kernel reads them.
+    """Say how the kernel gets a rule's step counters (incrementing host ones here).
 
-    Returns ``(step_mode, step, steps_on_device, skip)``. Device counters (mode 2) are
-    incremented on the stream (by 0 when ``found_inf`` is set, so no sync); CPU counters are
+    Returns ``(step_mode, step, steps_on_device, skip)``. Device counters: mode 3, the step's own
+    launch increments them (by 0 when ``found_inf`` is set, so no sync) before the fused kernel
+    reads them; see :func:`_advance_steps` for a step with an empty tensor. CPU counters are
     incremented on the host, which needs the value of a device ``found_inf`` (one sync).
     """
     on_dev = list(map(_is_cuda, steps))  # C-level passes: no Python work per tensor per step
@@ -46,12 +47,7 @@ def _step_source(
                     raise TypeError(
                         f"state['step'][{i}] must be an fp32 tensor on {dev} or on the CPU, got {s.dtype} on {s.device}"
                     )
-        if found_inf is None:
-            torch._foreach_add_(steps, 1.0)
-        else:
-            inc = (found_inf.reshape(()).to(device=dev, dtype=torch.float32) == 0).to(torch.float32)
-            torch._foreach_add_(steps, [inc] * len(steps))
-        return 2, 1.0, None, False
+        return 3, 1.0, None, False
     if any(on_dev):
         raise ValueError("state['step'] must be all on the params' device or all on the CPU")
     if found_inf is not None and float(found_inf.reshape(())) != 0.0:
@@ -64,6 +60,16 @@ def _step_source(
         return 0, values[0] if values else 1.0, None, False
     arr = torch.tensor(values, dtype=torch.float32).pin_memory().to(dev, non_blocking=True)
     return 1, 1.0, arr, False
+
+
+def _advance_steps(steps: list[Tensor], found_inf: Tensor | None, dev: torch.device) -> None:
+    """Device counters advanced by torch instead of the launch (mode 3 -> 2): an empty tensor has
+    no table row, but its counter counts like every other (as torch's)."""
+    if found_inf is None:
+        torch._foreach_add_(steps, 1.0)
+    else:
+        inc = (found_inf.reshape(()).to(device=dev, dtype=torch.float32) == 0).to(torch.float32)
+        torch._foreach_add_(steps, [inc] * len(steps))
 
 
 @register("combine_step_", "cuda")
@@ -91,7 +97,8 @@ def combine_step_(
     clip_own: bool = False,
     **hparams: object,
 ) -> None:
-    """One launch per step over every parameter (after an optional tiny step-counter update).
+    """One ``_C`` call per step over every parameter: the fused launch, after a tiny one that
+    advances device step counters (and one forming the clip factor, with a clip).
 
     Operand table: params, restore_from, 4 role grads, mask, 3 state buffers, importance,
     anchor, step counter. State buffers and grads may be fp32/fp16/bf16; math is fp32.
@@ -140,11 +147,14 @@ def combine_step_(
         has_penalty = importance is not None and not _is(penalty, 0.0)
         operands = combine_operands(
             params, restore_from, roles, mask, state_ops, importance if has_penalty else None,
-            anchor if has_penalty else None, list(steps) if step_mode == 2 else None,
+            anchor if has_penalty else None, list(steps) if step_mode == 3 else None,
         )  # fmt: skip
         t = build_table(
             op, operands, dev, pointer_operands=(int(CombineRow.STEP),), dynamic=TABLES["combine_step"].dynamic
         )
+        if step_mode == 3 and t.n_rows != len(params):
+            _advance_steps(list(steps), found_inf, dev)
+            step_mode = 2
         scal = {
             name: scalar(v, dev) for name, v in (("lr", lr), ("scale", scale), ("penalty", penalty), ("clip", clip))
         }

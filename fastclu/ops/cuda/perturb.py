@@ -52,11 +52,13 @@ def perturb_(
         rows = [_rows(p) for p in params]
         lengths = [p.numel() // r if r else 0 for p, r in zip(params, rows)]
         if row_norms is None:
-            # Empty tensors get no table row, so their (zero) norms are written here.
-            norms = [
-                _launch.alloc(r, torch.float32, dev) if p.numel() else torch.zeros(r, dtype=torch.float32, device=dev)
-                for p, r in zip(params, rows)
-            ]
+            # one allocation for every tensor's norms (views of it), not one per tensor; empty
+            # tensors get no table row, so their (zero) norms are written here
+            norms = list(_launch.alloc(sum(rows), torch.float32, dev).split(rows))
+            if 0 in map(Tensor.numel, params):
+                for n, p in zip(norms, params):
+                    if p.numel() == 0:
+                        n.zero_()
             rt = build_table(op, [params, norms], dev, units=rows, aux=lengths, dynamic=TABLES["row_norms"].dynamic)
             _C.row_norms(*rt.args, stream)
         else:

@@ -147,12 +147,15 @@ def _row_norm_kernel(tab, dyn, n_rows, DP: tl.constexpr, BLOCK: tl.constexpr, LA
 
 def clean_row_norms(params: list[Tensor]) -> list[Tensor]:
     """fp32 L2 norm of each row (dim 0; ndim <= 1 is one row) of each tensor: ``[rows]`` each."""
-    outs = [mt.alloc(p.shape[0] if p.dim() >= 2 else 1, torch.float32, p.device) for p in params]
-    for o, p in zip(outs, params):
-        if p.numel() == 0:
-            o.zero_()  # rows of length 0 (or a lone empty row) have norm 0
     if not params:
-        return outs
+        return []
+    # one allocation for every tensor's norms (views of it), not one per tensor
+    units = [p.shape[0] if p.dim() >= 2 else 1 for p in params]
+    outs = list(mt.alloc(sum(units), torch.float32, params[0].device).split(units))
+    if 0 in map(Tensor.numel, params):
+        for o, p in zip(outs, params):
+            if p.numel() == 0:
+                o.zero_()  # rows of length 0 (or a lone empty row) have norm 0
     gs, _ = groups([params, outs], rows=True, dynamic=TABLES["row_norms"].dynamic)
     for g in gs:
         if g.n_blocks == 0:

@@ -19,6 +19,7 @@ from fastclu.ops import combine_step_, merge_
 pytestmark = pytest.mark.skipif(not CUDA_ON_CPU, reason="the CPU mode runs where there is no GPU")
 CUDA = [pytest.param("cuda", marks=pytest.mark.cuda_cpu, id="cuda")]
 ROOT = Path(__file__).resolve().parents[3]
+NON_EMPTY = [s for s in SIZES if s]  # every tensor gets a table row
 
 
 @pytest.mark.parametrize("backend", CUDA)
@@ -26,14 +27,17 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.mark.parametrize(
     "case", ["sgd-init-damp-restore-amp", "adamw-tensor-scalars-amp-max", "adamw-plain", "classp-unscaled-amp"]
 )
-def test_found_inf_read_by_the_kernel(backend: str, found: float, case: str, monkeypatch) -> None:
+@pytest.mark.parametrize("sizes", [SIZES, NON_EMPTY], ids=["with-empty", "non-empty"])
+def test_found_inf_read_by_the_kernel(backend: str, found: float, case: str, sizes: list[int], monkeypatch) -> None:
     """On a GPU a device found_inf reaches the kernel as an address (the in-kernel AMP skip, which
     still performs a fused restore); here the wrapper reads a CPU one on the host, so the call is
-    re-issued with the address, and compared with the reference given the same found_inf."""
+    re-issued with the address, and compared with the reference given the same found_inf. Without
+    an empty tensor the call's own launch advances the step counters (step mode 3) and reads the
+    address too, so they are compared as well."""
     from fastclu.ops.cuda import combine
 
     rule, R, opts = next((c[1], c[2], c[3]) for c in CASES if c[0] == case)
-    params, grads, state, opts = _inputs(rule, R, opts, SIZES, torch.float32)
+    params, grads, state, opts = _inputs(rule, R, opts, sizes, torch.float32)
     opts.pop("found_inf", None)
     opts.setdefault("grad_scale", torch.tensor(1.0))
     found_inf = torch.tensor(found)
@@ -56,8 +60,42 @@ def test_found_inf_read_by_the_kernel(backend: str, found: float, case: str, mon
     assert seen == [0], "the wrapper passed an address itself: this test no longer re-issues anything"
     assert_close(p_got, p_want, torch.float32)
     for k in state:
-        if k != "step":
+        # with an empty tensor torch advanced the counters before the call, blind to the address
+        if k != "step" or sizes is NON_EMPTY:
             assert_close(s_got[k], s_want[k], torch.float32, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("rule", ["adamw", "classp"])
+@pytest.mark.parametrize("sizes", [SIZES, NON_EMPTY], ids=["with-empty", "non-empty"])
+def test_device_step_counters_advance_by_one(backend: str, rule: str, sizes: list[int], monkeypatch) -> None:
+    """Device counters move by one on every tensor: in the call's own launch (step mode 3) when every
+    tensor has a table row, by torch before the call (mode 2) when an empty tensor has none."""
+    from fastclu.ops.cuda import combine
+
+    cpu, modes = combine._C, []
+
+    class RecordStepMode:
+        def __getattr__(self, name: str):
+            return getattr(cpu, name)
+
+        def combine_step(self, table, dyn, n_rows, n_chunks, config, stream):
+            modes.append(config["step_mode"])
+            cpu.combine_step(table, dyn, n_rows, n_chunks, config, stream)
+
+    monkeypatch.setattr(combine, "_C", RecordStepMode())
+    opts = {"lr": 1e-2, "weight_decay": 0.1} if rule == "adamw" else {"lr": 0.1, "threshold": 0.0}
+    params, grads, state, opts = _inputs(rule, 2, opts, sizes, torch.float32)
+    before = [float(s) for s in state["step"]]
+    p_got, p_want = clone(params), clone(params)
+    s_got, s_want = {k: clone(v) for k, v in state.items()}, {k: clone(v) for k, v in state.items()}
+    combine_step_(p_got, grads, s_got, rule=rule, backend=backend, **opts)
+    combine_step_(p_want, grads, s_want, rule=rule, backend="reference", **opts)
+    assert modes == [2 if 0 in sizes else 3]
+    assert [float(s) for s in s_got["step"]] == [b + 1 for b in before]
+    assert_close(p_got, p_want, torch.float32)
+    for k in state:
+        assert_close(s_got[k], s_want[k], torch.float32, scale=4.0)
 
 
 @pytest.mark.parametrize("backend", CUDA)
