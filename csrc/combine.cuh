@@ -39,7 +39,8 @@ struct CombineArgs {
   // the (already incremented) step counter of the chunk's tensor
   __device__ double step_of(const Chunk& ch) const {
     if (step_mode == 1) return steps[ch.tidx];
-    if (step_mode == 2) return *static_cast<const float*>(ch.ptr(kStep));
+    // written by an earlier launch (mode 3: advance_steps_kernel), read-only in this one
+    if (step_mode == 2) return __ldg(static_cast<const float*>(ch.ptr(kStep)));
     return step;
   }
 };

@@ -25,6 +25,11 @@
 #ifndef FASTCLU_LAUNCH
 #define FASTCLU_LAUNCH(kernel, ...) kernel<<<__VA_ARGS__>>>
 #endif
+// Operand addresses come from tables (integers), so nvcc cannot infer their state space and
+// would emit generic loads and stores; every table address is a torch allocation in global memory.
+#ifndef FASTCLU_ASSUME_GLOBAL
+#define FASTCLU_ASSUME_GLOBAL(p) __builtin_assume(__isGlobal(p))
+#endif
 
 namespace fastclu {
 
@@ -98,6 +103,7 @@ __device__ __forceinline__ bool all_aligned(const Chunk& ch, int n_ops) {
 __device__ __forceinline__ void load8(const void* base, int dt, int64_t j, int cnt, bool vec, float v[8]) {
   if (dt == kF32) {
     const float* p = static_cast<const float*>(base) + j;
+    FASTCLU_ASSUME_GLOBAL(p);
     if (vec && cnt == 8) {
       float4 a = reinterpret_cast<const float4*>(p)[0];
       float4 b = reinterpret_cast<const float4*>(p)[1];
@@ -108,6 +114,7 @@ __device__ __forceinline__ void load8(const void* base, int dt, int64_t j, int c
     }
   } else if (dt == kF16) {
     const __half* p = static_cast<const __half*>(base) + j;
+    FASTCLU_ASSUME_GLOBAL(p);
     if (vec && cnt == 8) {
       uint4 u = *reinterpret_cast<const uint4*>(p);
       const __half2* h = reinterpret_cast<const __half2*>(&u);
@@ -122,6 +129,7 @@ __device__ __forceinline__ void load8(const void* base, int dt, int64_t j, int c
     }
   } else if (dt == kBF16) {
     const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(base) + j;
+    FASTCLU_ASSUME_GLOBAL(p);
     if (vec && cnt == 8) {
       uint4 u = *reinterpret_cast<const uint4*>(p);
       const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
@@ -143,6 +151,7 @@ __device__ __forceinline__ void load8(const void* base, int dt, int64_t j, int c
 __device__ __forceinline__ void store8(void* base, int dt, int64_t j, int cnt, bool vec, const float v[8]) {
   if (dt == kF32) {
     float* p = static_cast<float*>(base) + j;
+    FASTCLU_ASSUME_GLOBAL(p);
     if (vec && cnt == 8) {
       reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
       reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -153,6 +162,7 @@ __device__ __forceinline__ void store8(void* base, int dt, int64_t j, int cnt, b
     }
   } else if (dt == kF16) {
     __half* p = static_cast<__half*>(base) + j;
+    FASTCLU_ASSUME_GLOBAL(p);
     if (vec && cnt == 8) {
       uint4 u;
       __half2* h = reinterpret_cast<__half2*>(&u);
@@ -166,6 +176,7 @@ __device__ __forceinline__ void store8(void* base, int dt, int64_t j, int cnt, b
     }
   } else if (dt == kBF16) {
     __nv_bfloat16* p = static_cast<__nv_bfloat16*>(base) + j;
+    FASTCLU_ASSUME_GLOBAL(p);
     if (vec && cnt == 8) {
       uint4 u;
       __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
@@ -196,6 +207,8 @@ __device__ __forceinline__ void copy8(void* dst, const void* src, int dt, int64_
   if (dt == kF32) {
     const uint32_t* s = static_cast<const uint32_t*>(src) + j;
     uint32_t* d = static_cast<uint32_t*>(dst) + j;
+    FASTCLU_ASSUME_GLOBAL(s);
+    FASTCLU_ASSUME_GLOBAL(d);
     if (vec && cnt == 8) {
       reinterpret_cast<uint4*>(d)[0] = reinterpret_cast<const uint4*>(s)[0];
       reinterpret_cast<uint4*>(d)[1] = reinterpret_cast<const uint4*>(s)[1];
@@ -207,6 +220,8 @@ __device__ __forceinline__ void copy8(void* dst, const void* src, int dt, int64_
   } else if (dt == kF16 || dt == kBF16) {
     const uint16_t* s = static_cast<const uint16_t*>(src) + j;
     uint16_t* d = static_cast<uint16_t*>(dst) + j;
+    FASTCLU_ASSUME_GLOBAL(s);
+    FASTCLU_ASSUME_GLOBAL(d);
     if (vec && cnt == 8) {
       *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(s);
     } else {
@@ -217,8 +232,16 @@ __device__ __forceinline__ void copy8(void* dst, const void* src, int dt, int64_
   }
 }
 
+__device__ __forceinline__ void store_mask_byte(void* base, int64_t j, unsigned byte) {
+  uint8_t* p = static_cast<uint8_t*>(base);
+  FASTCLU_ASSUME_GLOBAL(p);
+  p[j >> 3] = static_cast<uint8_t>(byte);
+}
+
 __device__ __forceinline__ unsigned load_mask_byte(const void* base, int64_t j) {
-  return static_cast<const uint8_t*>(base)[j >> 3];
+  const uint8_t* p = static_cast<const uint8_t*>(base);
+  FASTCLU_ASSUME_GLOBAL(p);
+  return p[j >> 3];
 }
 
 // A scalar that is either a host value or the address of a device fp32 (0-d tensor), so a

@@ -29,7 +29,7 @@ struct RatioMaskOp {
       const bool keep = k < cnt && __fadd_rn(a[k], eps) >= __fmul_rn(gm, __fadd_rn(b[k], eps));  // padding bits 0
       byte |= static_cast<unsigned>(keep) << k;
     }
-    static_cast<uint8_t*>(ch.ptr(RatioRows::kOut))[j >> 3] = static_cast<uint8_t>(byte);
+    store_mask_byte(ch.ptr(RatioRows::kOut), j, byte);
   }
 };
 
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) write_kernel(Table t, const int64_t*
             ++rank;
           }
         }
-        static_cast<uint8_t*>(ch.ptr(TopkRows::kOut))[j >> 3] = static_cast<uint8_t>(byte);
+        store_mask_byte(ch.ptr(TopkRows::kOut), j, byte);
       }
       run += total;
     }

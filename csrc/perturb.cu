@@ -46,7 +46,7 @@ struct PerturbNoiseOp {
     for (int k = 0; k < 8; ++k) {
       if (k >= cnt) break;
       const int64_t e = j + k;
-      const float sigma = __fdiv_rn(norms[e / n], ctx.root_n);
+      const float sigma = __fdiv_rn(__ldg(norms + e / n), ctx.root_n);  // read-only here: global, cached
       const float d = __fmul_rn(philox_normal(seed, static_cast<uint32_t>(ch.tidx), e), sigma);
       p[k] = __fadd_rn(p[k], __fmul_rn(s, d));
     }

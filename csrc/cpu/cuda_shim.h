@@ -179,6 +179,7 @@ inline To bit_cast(From v) {
 }  // namespace fastclu_cpu
 
 #define FASTCLU_LAUNCH(kernel, ...) ::fastclu_cpu::make_launch(kernel, __VA_ARGS__)
+#define FASTCLU_ASSUME_GLOBAL(p) static_cast<void>(p)  // one address space on the host
 
 #define threadIdx (static_cast<const uint3&>(::fastclu_cpu::g_thread_idx))
 #define blockIdx (static_cast<const uint3&>(::fastclu_cpu::g_block_idx))

@@ -3,7 +3,8 @@
 Usage: ``python tests/ops/kernels/_cuda_static.py [OUTDIR] [combine gram ...]`` (default: every
 ``csrc/*.cu`` with kernels). Compiles each file with nvcc and setup.py's flags for ``sm_90``,
 prints one line per kernel (``ptxas -v``: registers, spill bytes) and, per file, the PTX loads by
-state space (``ld.global`` / ``ld.global.nc`` / generic ``ld``). Needs nvcc on PATH.
+state space (``ld.global`` / ``ld.global.nc`` / generic ``ld``) and the kernels with generic
+loads or stores. Needs nvcc on PATH.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SRC = ROOT / "csrc"
 FLAGS = ["-arch=sm_90", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17", f"-I{SRC}"]
-FILES = ["combine", "gram", "masks", "fisher", "lerp", "hvp", "merge", "perturb"]
+FILES = ["combine", "gram", "masks", "fisher", "lerp", "hvp", "merge", "perturb", "soup"]
 
 
 def _demangle(name: str) -> str:
@@ -26,12 +27,31 @@ def _demangle(name: str) -> str:
     return re.sub(r"fastclu::|\(anonymous namespace\)::", "", out)
 
 
+_GENERIC = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)(?:\.volatile|\.relaxed\.\w+|\.weak)?(?:\.v[248])?\.[busf]\d+\s", re.M)
+
+
+def generic_accesses(ptx: str) -> dict[str, tuple[int, int]]:
+    """Per kernel (demangled): generic-space ``(loads, stores)`` in the PTX (no state space
+    named: ``ld.f32``, not ``ld.global.f32``), which ptxas assembles as generic LD / ST."""
+    out = {}
+    for m in re.finditer(r"\.entry\s+(\w+)\((.*?)\n}\n", ptx, re.S):
+        kinds = [g.group(1) for g in _GENERIC.finditer(m.group(2))]
+        out[_demangle(m.group(1))] = (kinds.count("ld"), kinds.count("st"))
+    return out
+
+
+def compile_ptx(stem: str, out: pathlib.Path) -> str:
+    """PTX of ``csrc/<stem>.cu`` for sm_90 (setup.py's flags)."""
+    subprocess.run(["nvcc", *FLAGS, "-ptx", str(SRC / f"{stem}.cu"), "-o", str(out / f"{stem}.ptx")], check=True)
+    return (out / f"{stem}.ptx").read_text()
+
+
 def read_file(stem: str, out: pathlib.Path) -> list[str]:
     """Lines of the static reading of ``csrc/<stem>.cu``."""
     src = SRC / f"{stem}.cu"
     r = subprocess.run(["nvcc", *FLAGS, "-Xptxas", "-v", "-c", str(src), "-o", str(out / f"{stem}.o")],
                        capture_output=True, text=True, check=True)  # fmt: skip
-    subprocess.run(["nvcc", *FLAGS, "-ptx", str(src), "-o", str(out / f"{stem}.ptx")], check=True)
+    ptx = compile_ptx(stem, out)
     lines, kernel, spill = [], None, ""
     for line in r.stderr.splitlines():
         if m := re.search(r"entry function '(\w+)'", line):
@@ -41,10 +61,11 @@ def read_file(stem: str, out: pathlib.Path) -> list[str]:
         if (m := re.search(r"Used (\d+) registers", line)) and kernel:
             lines.append(f"{stem:8s} regs={m.group(1):>3s} {spill:20s} {kernel}")
             kernel = None
-    ptx = (out / f"{stem}.ptx").read_text()
     ops = re.findall(r"\b(ld(?:\.global|\.param|\.shared|\.local|\.const)?(?:\.nc)?)(?:\.v[24])?\.\w+", ptx)
     kinds = collections.Counter(o if o != "ld" else "ld (generic)" for o in ops)
     lines.append(f"{stem:8s} PTX loads: {dict(kinds)}")
+    generic = {k: v for k, v in generic_accesses(ptx).items() if any(v)}
+    lines.append(f"{stem:8s} generic (ld, st) per kernel: {generic or 'none'}")
     return lines
 
 

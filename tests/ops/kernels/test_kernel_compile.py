@@ -3,7 +3,8 @@
 Under the interpreter nothing is compiled, so a kernel that only works there (an unsupported
 op, a bad cast) would pass the CPU suite and fail on the first GPU. Triton's bundled ptxas
 assembles the PTX here; whole blocks must come out with vectorised (v2/v4) global accesses,
-one mask byte load per 8 elements and (combine) no scalar stores.
+one mask byte load per 8 elements and (combine) no scalar stores. The CUDA kernels' PTX (nvcc,
+sm_90) must address their operands as global memory, not through generic loads and stores.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -55,3 +58,24 @@ def test_kernels_compile_for_sm90() -> None:
 def test_kernels_compile_for_sm90_all_variants() -> None:
     pytest.importorskip("triton")
     _check(_compile(full=True))
+
+
+# One access per table row or tensor, not per element: the step counters' read-modify-write
+# and a row norm's store (nvcc keeps those generic; the element streams are all global).
+GENERIC_ALLOWED = {"advance_steps_kernel(Table, float const*)": (1, 1), "row_norms_kernel(Table)": (0, 1)}
+
+
+def test_cuda_kernels_access_operands_as_global_memory(tmp_path) -> None:
+    """Table addresses are integers, so without ``FASTCLU_ASSUME_GLOBAL`` nvcc cannot tell their
+    state space and emits generic LD/ST for every operand stream (csrc/common.cuh)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH")
+    sys.path.insert(0, str(HERE))
+    import _cuda_static
+
+    with ThreadPoolExecutor(4) as pool:
+        ptxs = list(pool.map(lambda stem: _cuda_static.compile_ptx(stem, tmp_path), _cuda_static.FILES))
+    kernels = {k: v for ptx in ptxs for k, v in _cuda_static.generic_accesses(ptx).items()}
+    assert any("combine_kernel<AdamW>" in k for k in kernels), f"the fused AdamW kernel is missing: {sorted(kernels)}"
+    generic = {k: v for k, v in kernels.items() if any(v) and GENERIC_ALLOWED.get(k) != v}
+    assert not generic, f"generic (ld, st) counts per kernel: {generic}"
