@@ -27,14 +27,16 @@ def _demangle(name: str) -> str:
     return re.sub(r"fastclu::|\(anonymous namespace\)::", "", out)
 
 
-_GENERIC = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)(?:\.volatile|\.relaxed\.\w+|\.weak)?(?:\.v[248])?\.[busf]\d+\s", re.M)
+_GENERIC = re.compile(
+    r"^\s*(?:@%p\d+\s+)?(ld|st)(?:\.volatile|\.relaxed\.\w+|\.weak)?(?:\.v[248])?\.[busf]\d+\s", re.MULTILINE
+)
 
 
 def generic_accesses(ptx: str) -> dict[str, tuple[int, int]]:
     """Per kernel (demangled): generic-space ``(loads, stores)`` in the PTX (no state space
     named: ``ld.f32``, not ``ld.global.f32``), which ptxas assembles as generic LD / ST."""
     out = {}
-    for m in re.finditer(r"\.entry\s+(\w+)\((.*?)\n}\n", ptx, re.S):
+    for m in re.finditer(r"\.entry\s+(\w+)\((.*?)\n}\n", ptx, re.DOTALL):
         kinds = [g.group(1) for g in _GENERIC.finditer(m.group(2))]
         out[_demangle(m.group(1))] = (kinds.count("ld"), kinds.count("st"))
     return out
