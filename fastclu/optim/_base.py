@@ -649,8 +649,7 @@ class RoleOptimizer(Optimizer):
             if g is not None:
                 by_dev.setdefault(g.device, []).append(g)
         for dev, grads in by_dev.items():
-            gs = grad_scale.to(dev).reshape(())
-            divisor = torch.where(found_inf.to(dev).reshape(()) > 0, torch.ones_like(gs), gs)
+            divisor = torch.where(found_inf.to(dev).reshape(()) > 0, 1.0, grad_scale.to(dev).reshape(()))
             torch._foreach_div_(grads, divisor)
 
     def _check_step_args(self, combine: Mapping[str, Any] | None, clip: object) -> None:
@@ -1038,7 +1037,7 @@ class RoleOptimizer(Optimizer):
                 diag = g[masked[0], masked[0]]
                 for r in masked[1:]:
                     diag = diag + g[r, r]
-                bad.append(~torch.isfinite(diag) & _nonfinite([gs[r] for r in masked], b.nonempty))
+                bad.append(_is_nonfinite(diag) & _nonfinite([gs[r] for r in masked], b.nonempty))
         if not bad:
             return scaler_inf
         bad = [t if t.device == dev else t.to(dev) for t in bad]
@@ -1152,12 +1151,19 @@ def _dense(g: Tensor) -> Tensor:
     return g.contiguous()
 
 
+def _is_nonfinite(x: Tensor) -> Tensor:
+    """``~isfinite(x)`` in two ATen ops (isfinite + not are six on some devices): ``x - x`` is
+    exactly 0 for a finite float and NaN for inf or NaN."""
+    return (x - x) != 0
+
+
 def _nonfinite(lists: list[list[Tensor]], nonempty: list[int] | None) -> Tensor:
-    """0-d bool: any non-finite element in the tensors (one ``_foreach_norm(inf)``, read only)."""
+    """0-d bool: any non-finite element in the tensors (one ``_foreach_norm(inf)``, read only;
+    the largest of the norms is non-finite iff one is: ``max`` propagates NaN)."""
     ts = [t for gs in lists for t in (gs if nonempty is None else [gs[j] for j in nonempty])]
     if not ts:
         return torch.zeros((), dtype=torch.bool, device=lists[0][0].device if lists[0] else None)
-    return ~torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all()
+    return _is_nonfinite(torch.stack(torch._foreach_norm(ts, math.inf)).max())
 
 
 def _check_clip(clip: object) -> float | Tensor | None:

@@ -16,7 +16,8 @@ from fastclu.bench import host
 # tiny200: 200 one-element fp32 tensors, one bucket
 EXPECTED = {
     "triton": {"adamw": 2, "masked_clipped_2role": 4, "amp": 4, "fastslow": 2, "perturb_restore": 3},
-    # the cuda backend's CPU execution mode: AdamW's counters are advanced in the same launch
+    # the cuda backend's CPU execution mode, calls into the extension: one combine_step call advances
+    # AdamW's counters, forms a clip factor and steps (up to 3 kernels)
     "cuda": {"adamw": 1, "masked_clipped_2role": 2, "amp": 2, "fastslow": 1, "perturb_restore": 3},
 }
 
